@@ -1,0 +1,133 @@
+"""A linear layer seen through one binary mask per task, computed group by group (one masked weight per task)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masks import pack_masks, unpack_masks
+
+
+class _GroupedMaskedLinear(torch.autograd.Function):
+    """``y[g] = x[g] @ (W ⊙ M[t_g])ᵀ + b`` for contiguous task groups ``g``.
+
+    The masked weight of a group is rebuilt in backward instead of being kept alive from forward, so memory holds one
+    masked copy at a time whatever the number of tasks. ``grad_W = Σ_g (grad_y[g]ᵀ x[g]) ⊙ M[t_g]``: it is exactly
+    zero where every task of the batch has its mask off.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes):  # noqa: D102
+        outputs = [
+            F.linear(x_group, weight * masks[task])
+            for x_group, task in zip(x.split(group_sizes), group_tasks, strict=True)
+        ]
+        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(x, weight, masks)
+        ctx.group_tasks = group_tasks
+        ctx.group_sizes = group_sizes
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, weight, masks = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        grad_groups = grad_out.split(ctx.group_sizes)
+        x_groups = x.split(ctx.group_sizes)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.cat([g @ (weight * masks[t]) for g, t in zip(grad_groups, ctx.group_tasks, strict=True)])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
+                g2 = g.reshape(-1, g.shape[-1])
+                x2 = x_group.reshape(-1, x_group.shape[-1])
+                grad_weight += (g2.T @ x2) * masks[t]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+class TaskGroups:
+    """Contiguous runs of one task in a batch already sorted by task id."""
+
+    def __init__(self, tasks: Sequence[int], sizes: Sequence[int]) -> None:
+        self.tasks = [int(t) for t in tasks]
+        self.sizes = [int(s) for s in sizes]
+
+    @classmethod
+    def from_sorted_ids(cls, task_ids: torch.Tensor) -> TaskGroups:
+        tasks, counts = torch.unique_consecutive(task_ids, return_counts=True)
+        return cls(tasks.tolist(), counts.tolist())
+
+
+class MaskedLinear(nn.Module):
+    """``nn.Linear`` whose weight each task sees through its own binary mask.
+
+    The masks are stored bit-packed in the persistent ``uint8`` buffer ``packed_masks`` of shape
+    ``(num_tasks, ceil(out * in / 8))`` (that is what ``model.safetensors`` holds) and unpacked lazily into a cached
+    ``bool`` tensor of shape ``(num_tasks, out, in)``; the cache is refreshed whenever the buffer is replaced or
+    modified in place.
+    """
+
+    # "recompute": custom autograd that rebuilds W ⊙ M in backward (kept: fastest in benchmarks/bench_model.py);
+    # "autograd": plain F.linear per group through autograd (kept for the benchmark's comparison).
+    implementation: str = "recompute"
+
+    def __init__(self, in_features: int, out_features: int, num_tasks: int, masked: bool, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_tasks = num_tasks
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        if masked:
+            packed_bytes = (out_features * in_features + 7) // 8
+            self.register_buffer("packed_masks", torch.zeros(num_tasks, packed_bytes, dtype=torch.uint8))
+        else:
+            self.packed_masks = None
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def is_masked(self) -> bool:
+        return self.packed_masks is not None
+
+    def task_masks(self) -> torch.Tensor:
+        """All task masks as ``bool`` of shape ``(num_tasks, out, in)`` (unpacked once, then cached)."""
+        if self.packed_masks is None:
+            raise RuntimeError("This layer has no masks (mask_mode='none').")
+        buffer = self.packed_masks
+        key = (id(buffer), buffer._version, buffer.device, buffer.data_ptr())
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            shape = (self.num_tasks, self.out_features, self.in_features)
+            self._mask_cache = (key, unpack_masks(buffer, shape))
+        return self._mask_cache[1]
+
+    @torch.no_grad()
+    def set_task_masks(self, masks: torch.Tensor) -> None:
+        """Replace the masks (``bool``, ``(num_tasks, out, in)``); packs them into the persistent buffer."""
+        expected = (self.num_tasks, self.out_features, self.in_features)
+        if tuple(masks.shape) != expected:
+            raise ValueError(f"masks must have shape {expected}, got {tuple(masks.shape)}")
+        self.packed_masks.copy_(pack_masks(masks.to(device=self.packed_masks.device, dtype=torch.bool)))
+
+    def forward(self, x: torch.Tensor, groups: TaskGroups | None = None) -> torch.Tensor:
+        if self.packed_masks is None or groups is None:
+            return F.linear(x, self.weight, self.bias)
+        masks = self.task_masks()
+        if self.implementation == "autograd":
+            outputs = [
+                F.linear(x_group, self.weight * masks[t])
+                for x_group, t in zip(x.split(groups.sizes), groups.tasks, strict=True)
+            ]
+            out = torch.cat(outputs)
+            return out + self.bias if self.bias is not None else out
+        return _GroupedMaskedLinear.apply(x, self.weight, self.bias, masks, groups.tasks, groups.sizes)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, masked={self.is_masked}"

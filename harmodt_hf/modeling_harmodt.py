@@ -1,0 +1,457 @@
+"""HarmoDTModel: a Prompt-DT GPT-2 body whose weights each task sees through its own binary mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_harmodt import HarmoDTConfig
+from .masked_linear import MaskedLinear, TaskGroups
+from .masks import erk_masks, pack_masks
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
+PROMPT_KEYS = ("states", "actions", "returns_to_go", "timesteps", "attention_mask")
+
+
+@dataclass
+class HarmoDTOutput(ModelOutput):
+    """Output of :class:`HarmoDTModel`.
+
+    Args:
+        loss: masked MSE between predicted and target actions (when targets are given).
+        action_preds: predicted actions, ``(batch, K, act_dim)``, in [-1, 1].
+        last_hidden_state: final hidden states of the whole token sequence (prompt tokens first).
+        hidden_states: hidden states after the embedding and after every block (``output_hidden_states=True``).
+    """
+
+    loss: torch.FloatTensor | None = None
+    action_preds: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class BodyLayerNorm(nn.LayerNorm):
+    """LayerNorm inside the transformer body (initialised there; outer ones keep PyTorch defaults)."""
+
+
+class HarmoDTAttention(nn.Module):
+    """Causal self-attention with task-masked projections; padding logits get -1e4 as in GPT-2."""
+
+    def __init__(self, config: HarmoDTConfig) -> None:
+        super().__init__()
+        d, masked = config.hidden_size, config.has_masks
+        self.n_head = config.n_head
+        self.c_attn = MaskedLinear(d, 3 * d, config.num_tasks, masked)
+        self.c_proj = MaskedLinear(d, d, config.num_tasks, masked)
+        self.attn_dropout = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor:
+        batch, length, d = x.shape
+        q, k, v = self.c_attn(x, groups).split(d, dim=-1)
+        q, k, v = (t.view(batch, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
+        dropout = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(batch, length, d)
+        return self.resid_dropout(self.c_proj(y, groups))
+
+
+class HarmoDTMLP(nn.Module):
+    def __init__(self, config: HarmoDTConfig) -> None:
+        super().__init__()
+        masked = config.has_masks
+        self.c_fc = MaskedLinear(config.hidden_size, config.n_inner, config.num_tasks, masked)
+        self.c_proj = MaskedLinear(config.n_inner, config.hidden_size, config.num_tasks, masked)
+        self.act = _ACTIVATIONS[config.activation_function]()
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x, groups)), groups))
+
+
+class HarmoDTBlock(nn.Module):
+    """Pre-LayerNorm GPT-2 block."""
+
+    def __init__(self, config: HarmoDTConfig) -> None:
+        super().__init__()
+        self.ln_1 = BodyLayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = HarmoDTAttention(config)
+        self.ln_2 = BodyLayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = HarmoDTMLP(config)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_bias, groups)
+        return x + self.mlp(self.ln_2(x), groups)
+
+
+class HarmoDTTransformer(nn.Module):
+    """The GPT-2 body without token or position embeddings: the part the task masks apply to."""
+
+    def __init__(self, config: HarmoDTConfig) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(HarmoDTBlock(config) for _ in range(config.n_layer))
+        self.ln_f = BodyLayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        groups: TaskGroups | None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        length = inputs_embeds.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=inputs_embeds.device).tril()
+        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+        attn_bias = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        attn_bias = attn_bias.masked_fill(~allowed, -1e4)
+        x = self.drop(inputs_embeds)
+        hidden = [x] if output_hidden_states else None
+        for block in self.h:
+            x = block(x, attn_bias, groups)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.ln_f(x)
+        return x, tuple(hidden) if hidden is not None else None
+
+
+class HarmoDTPreTrainedModel(PreTrainedModel):
+    config_class = HarmoDTConfig
+    base_model_prefix = "harmodt"
+    main_input_name = "states"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """N(0, σ) with zero bias inside the transformer body; outer embeddings and heads keep PyTorch defaults."""
+        if isinstance(module, MaskedLinear):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, BodyLayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, HarmoDTModel):
+            if module.config.use_prompt:
+                for key in PROMPT_KEYS:
+                    init.zeros_(getattr(module, f"stored_prompt_{key}"))
+            if module.config.has_masks:
+                module._init_masks_if_missing()
+
+
+class HarmoDTModel(HarmoDTPreTrainedModel):
+    """Multi-task Decision Transformer with a task prompt and one binary weight mask per task (HarmoDT).
+
+    A batch may mix tasks: it is sorted by task id once, every masked layer computes one masked weight per task
+    present, and the outputs are put back in the caller's order.
+    """
+
+    def __init__(self, config: HarmoDTConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed_timestep = nn.Embedding(config.max_ep_len, d)
+        self.embed_return = nn.Linear(1, d)
+        self.embed_state = nn.Linear(config.state_dim, d)
+        self.embed_action = nn.Linear(config.act_dim, d)
+        self.embed_ln = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
+        if config.use_prompt:
+            self.prompt_embed_timestep = nn.Embedding(config.max_ep_len, d)
+            self.prompt_embed_return = nn.Linear(1, d)
+            self.prompt_embed_state = nn.Linear(config.state_dim, d)
+            self.prompt_embed_action = nn.Linear(config.act_dim, d)
+            # The per-task evaluation prompt (normalised states, scaled returns), stored so a loaded model can act.
+            t, p = config.num_tasks, config.prompt_length
+            self.register_buffer("stored_prompt_states", torch.zeros(t, p, config.state_dim))
+            self.register_buffer("stored_prompt_actions", torch.zeros(t, p, config.act_dim))
+            self.register_buffer("stored_prompt_returns_to_go", torch.zeros(t, p, 1))
+            self.register_buffer("stored_prompt_timesteps", torch.zeros(t, p, dtype=torch.long))
+            self.register_buffer("stored_prompt_attention_mask", torch.zeros(t, p, dtype=torch.long))
+        self.transformer = HarmoDTTransformer(config)
+        self.predict_action = nn.Linear(d, config.act_dim)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- masks
+    def masked_layers(self) -> dict[str, MaskedLinear]:
+        """The task-masked layers by module name (empty for ``mask_mode='none'``)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, MaskedLinear) and m.is_masked}
+
+    def get_task_masks(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: bool (num_tasks, out, in)}`` for every masked weight."""
+        return {f"{name}.weight": layer.task_masks() for name, layer in self.masked_layers().items()}
+
+    def set_task_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Replace the masks; keys as in :meth:`get_task_masks`. Every masked weight must be given."""
+        layers = self.masked_layers()
+        expected = {f"{name}.weight" for name in layers}
+        if set(masks) != expected:
+            missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
+            raise ValueError(f"set_task_masks needs exactly the masked weights; missing {missing}, unexpected {extra}")
+        for name, layer in layers.items():
+            layer.set_task_masks(masks[f"{name}.weight"])
+
+    def _init_masks_if_missing(self) -> None:
+        """Draw ERK masks (independent per task, seeded by ``config.mask_seed``) for buffers not loaded."""
+        layers = self.masked_layers()
+        if not layers or all(getattr(m.packed_masks, "_is_hf_initialized", False) for m in layers.values()):
+            return
+        if any(m.packed_masks.device.type == "meta" for m in layers.values()):
+            return
+        generator = torch.Generator().manual_seed(int(self.config.mask_seed))
+        shapes = {f"{name}.weight": (m.out_features, m.in_features) for name, m in layers.items()}
+        masks = erk_masks(shapes, self.config.num_tasks, float(self.config.sparsity), generator=generator)
+        for name, layer in layers.items():
+            init.copy_(layer.packed_masks, pack_masks(masks[f"{name}.weight"]).to(layer.packed_masks.device))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that refuses checkpoints whose task masks are missing or misshapen."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if "mismatched" in str(error) or "packed_masks" in str(error):
+                raise ValueError(
+                    "The checkpoint's tensors (task masks, stored prompts or weights) do not fit this configuration: "
+                    "a different task count or model size. Load it with the config it was saved with."
+                ) from error
+            raise
+        bad = [k for k in (*info.get("missing_keys", ()), *info.get("mismatched_keys", ())) if "packed_masks" in str(k)]
+        if bad:
+            raise ValueError(
+                f"Checkpoint has no usable task masks for {len(bad)} masked layer(s) (e.g. {bad[0]}): it was not "
+                "saved by HarmoDTModel with this mask_mode/task count. Load it with the config it was saved with; "
+                "refusing to fill the masks at random."
+            )
+        return (model, info) if wants_info else model
+
+    # ----------------------------------------------------------------------------------------------- prompts
+    @torch.no_grad()
+    def set_task_prompts(self, prompts: dict[str, torch.Tensor]) -> None:
+        """Store one prompt per task (keys of ``PROMPT_KEYS``, leading dim ``num_tasks``), model-ready."""
+        if not self.config.use_prompt:
+            raise ValueError("This model does not use prompts (config.use_prompt=False)")
+        for key in PROMPT_KEYS:
+            buffer = getattr(self, f"stored_prompt_{key}")
+            value = torch.as_tensor(prompts[key]).reshape(buffer.shape)
+            buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
+
+    def task_prompts(self, task_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored prompts for ``task_ids`` (a batch), ready to pass as ``prompt=``."""
+        if not self.config.use_prompt:
+            raise ValueError("This model does not use prompts (config.use_prompt=False)")
+        if not bool(self.stored_prompt_attention_mask.any(dim=1).all()):
+            raise ValueError("This model has no stored prompt for some task: call set_task_prompts(...) first")
+        index = torch.as_tensor(task_ids, device=self.stored_prompt_states.device).long()
+        return {key: getattr(self, f"stored_prompt_{key}")[index] for key in PROMPT_KEYS}
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        returns_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        prompt: dict[str, torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
+        return_loss: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HarmoDTOutput | tuple:
+        """Predict the action at every state token.
+
+        Args:
+            states: ``(B, K, state_dim)`` normalised observations.
+            actions: ``(B, K, act_dim)`` actions (the one at step t is hidden from the prediction at step t).
+            returns_to_go: ``(B, K)`` or ``(B, K, 1)``, already divided by ``config.return_scale``.
+            timesteps: ``(B, K)`` integer episode steps, ``< config.max_ep_len``.
+            attention_mask: ``(B, K)``, 1 for real steps, 0 for padding (default all ones).
+            task_ids: ``(B,)`` task indices into ``config.task_names``; required with masks or prompts.
+            prompt: dict with ``states``, ``actions``, ``returns_to_go``, ``timesteps`` and optional
+                ``attention_mask`` of prompt length P; required when ``config.use_prompt``.
+            labels: target actions ``(B, K, act_dim)``; with ``return_loss=True`` and no labels, ``actions`` are the
+                targets.
+        """
+        if kwargs:
+            raise TypeError(f"HarmoDTModel.forward got unexpected arguments: {sorted(kwargs)}")
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        config = self.config
+        returns_to_go = returns_to_go if returns_to_go.dim() == 3 else returns_to_go.unsqueeze(-1)
+        batch, length = states.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=states.device)
+        self._check_inputs(states, actions, returns_to_go, timesteps, attention_mask, "")
+        task_ids = self._check_task_ids(task_ids, batch, states.device)
+        if config.use_prompt:
+            if prompt is None:
+                raise ValueError("This model uses task prompts (config.use_prompt=True): pass prompt=...")
+            prompt = self._normalise_prompt(prompt, batch, states.device)
+        if labels is None and return_loss:
+            labels = actions
+
+        # Sort the batch by task so that each masked layer sees contiguous task groups.
+        order = None
+        groups = None
+        if config.has_masks:
+            if bool((task_ids[1:] < task_ids[:-1]).any()):
+                order = torch.argsort(task_ids, stable=True)
+                inverse = torch.empty_like(order)
+                inverse[order] = torch.arange(batch, device=order.device)
+            groups = TaskGroups.from_sorted_ids(task_ids if order is None else task_ids[order])
+
+        def sort(t: torch.Tensor) -> torch.Tensor:
+            return t if order is None else t[order]
+
+        tokens, token_mask = self._embed_steps(
+            sort(states), sort(actions), sort(returns_to_go), sort(timesteps), sort(attention_mask)
+        )
+        if prompt is not None:
+            p_tokens, p_mask = self._embed_prompt({k: sort(v) for k, v in prompt.items()})
+            tokens = torch.cat([p_tokens, tokens], dim=1)
+            token_mask = torch.cat([p_mask, token_mask], dim=1)
+        hidden, all_hidden = self.transformer(tokens, token_mask, groups, output_hidden_states)
+        step_hidden = hidden[:, -3 * length :].reshape(batch, length, 3, config.hidden_size)
+        action_preds = torch.tanh(self.predict_action(step_hidden[:, :, 1]))
+        if order is not None:
+            action_preds = action_preds[inverse]
+            hidden = hidden[inverse]
+            all_hidden = tuple(h[inverse] for h in all_hidden) if all_hidden is not None else None
+
+        loss = None
+        if labels is not None:
+            if labels.shape != action_preds.shape:
+                raise ValueError(f"labels must have shape {tuple(action_preds.shape)}, got {tuple(labels.shape)}")
+            valid = attention_mask.to(action_preds.dtype).unsqueeze(-1)
+            squared = (action_preds - labels.to(action_preds.dtype)) ** 2 * valid
+            loss = squared.sum() / (valid.sum().clamp_min(1.0) * config.act_dim)
+        output = HarmoDTOutput(loss=loss, action_preds=action_preds, last_hidden_state=hidden, hidden_states=all_hidden)
+        return output if return_dict else output.to_tuple()
+
+    def _embed_steps(self, states, actions, returns_to_go, timesteps, attention_mask):
+        time = self.embed_timestep(timesteps)
+        stacked = torch.stack(
+            (
+                self.embed_return(returns_to_go) + time,
+                self.embed_state(states) + time,
+                self.embed_action(actions) + time,
+            ),
+            dim=2,
+        )
+        batch, length = states.shape[:2]
+        tokens = self.embed_ln(stacked.reshape(batch, 3 * length, -1))
+        token_mask = attention_mask.repeat_interleave(3, dim=1)
+        return tokens, token_mask
+
+    def _embed_prompt(self, prompt: dict[str, torch.Tensor]):
+        time = self.prompt_embed_timestep(prompt["timesteps"])
+        stacked = torch.stack(
+            (
+                self.prompt_embed_return(prompt["returns_to_go"]) + time,
+                self.prompt_embed_state(prompt["states"]) + time,
+                self.prompt_embed_action(prompt["actions"]) + time,
+            ),
+            dim=2,
+        )
+        batch, length = prompt["states"].shape[:2]
+        return stacked.reshape(batch, 3 * length, -1), prompt["attention_mask"].repeat_interleave(3, dim=1)
+
+    # ----------------------------------------------------------------------------------------------- validation
+    def _check_inputs(self, states, actions, returns_to_go, timesteps, attention_mask, where: str) -> None:
+        config = self.config
+        name = "prompt " if where else ""
+        if states.dim() != 3 or states.shape[-1] != config.state_dim:
+            raise ValueError(f"{name}states must be (batch, steps, {config.state_dim}), got {tuple(states.shape)}")
+        if actions.dim() != 3 or actions.shape[-1] != config.act_dim:
+            raise ValueError(f"{name}actions must be (batch, steps, {config.act_dim}), got {tuple(actions.shape)}")
+        batch, length = states.shape[:2]
+        for label, tensor in (
+            ("actions", actions),
+            ("returns_to_go", returns_to_go),
+            ("timesteps", timesteps),
+            ("attention_mask", attention_mask),
+        ):
+            if tuple(tensor.shape[:2]) != (batch, length):
+                raise ValueError(
+                    f"{name}{label} has batch/steps {tuple(tensor.shape[:2])} but states has {(batch, length)}"
+                )
+        if returns_to_go.shape[-1] != 1 or returns_to_go.dim() != 3:
+            raise ValueError(f"{name}returns_to_go must be (batch, steps) or (batch, steps, 1)")
+        if timesteps.dtype.is_floating_point or timesteps.dim() != 2:
+            raise ValueError(f"{name}timesteps must be an integer tensor of shape (batch, steps)")
+        if timesteps.numel() and (int(timesteps.min()) < 0 or int(timesteps.max()) >= config.max_ep_len):
+            raise ValueError(
+                f"{name}timesteps must be in [0, max_ep_len={config.max_ep_len}); got range "
+                f"[{int(timesteps.min())}, {int(timesteps.max())}]"
+            )
+        for label, tensor in (("states", states), ("actions", actions), ("returns_to_go", returns_to_go)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name}{label} contains NaN or infinite values")
+
+    def _check_task_ids(self, task_ids, batch: int, device) -> torch.Tensor:
+        config = self.config
+        if task_ids is None:
+            if config.has_masks or config.use_prompt:
+                raise ValueError("task_ids is required: this model has per-task masks or prompts")
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        task_ids = torch.as_tensor(task_ids, device=device).reshape(-1)
+        if task_ids.numel() != batch:
+            raise ValueError(f"task_ids must have one entry per sample ({batch}), got {task_ids.numel()}")
+        if task_ids.dtype.is_floating_point:
+            raise ValueError("task_ids must be integers")
+        if batch and (int(task_ids.min()) < 0 or int(task_ids.max()) >= config.num_tasks):
+            raise ValueError(
+                f"task_ids must be in [0, {config.num_tasks}) for tasks {config.task_names}; got "
+                f"[{int(task_ids.min())}, {int(task_ids.max())}]"
+            )
+        return task_ids.long()
+
+    def _normalise_prompt(self, prompt: dict[str, torch.Tensor], batch: int, device) -> dict[str, torch.Tensor]:
+        missing = [k for k in PROMPT_KEYS[:4] if k not in prompt]
+        if missing:
+            raise ValueError(f"prompt is missing {missing}; it needs keys {list(PROMPT_KEYS)}")
+        prompt = dict(prompt)
+        rtg = prompt["returns_to_go"]
+        prompt["returns_to_go"] = rtg if rtg.dim() == 3 else rtg.unsqueeze(-1)
+        if prompt.get("attention_mask") is None:
+            shape = prompt["states"].shape[:2]
+            prompt["attention_mask"] = torch.ones(shape, dtype=torch.long, device=device)
+        self._check_inputs(
+            prompt["states"],
+            prompt["actions"],
+            prompt["returns_to_go"],
+            prompt["timesteps"],
+            prompt["attention_mask"],
+            "prompt",
+        )
+        if prompt["states"].shape[0] != batch:
+            raise ValueError(f"prompt batch size {prompt['states'].shape[0]} differs from the batch size {batch}")
+        return {k: prompt[k] for k in PROMPT_KEYS}
+
+    def num_masked_parameters(self) -> int:
+        """Number of weights covered by task masks (per task)."""
+        return sum(m.weight.numel() for m in self.masked_layers().values())
+
+
+def describe(model: HarmoDTModel) -> str:
+    """One-line summary: parameters, masked parameters and per-task density."""
+    total = sum(p.numel() for p in model.parameters())
+    masked = model.num_masked_parameters()
+    if not masked:
+        return f"HarmoDT ({model.config.mask_mode}): {total:,} parameters, no masks"
+    active = sum(m.sum(dim=(1, 2)) for m in model.get_task_masks().values())
+    density = (active.float() / masked).mean().item()
+    return f"HarmoDT ({model.config.mask_mode}): {total:,} parameters, {masked:,} masked, density {density:.3f}"

@@ -1,0 +1,54 @@
+"""Small shared builders for tests: tiny configs and random model inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from harmodt_hf import HarmoDTConfig
+
+TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
+
+
+def tiny_config(**overrides) -> HarmoDTConfig:
+    """A model small enough for fast CPU tests (2 layers, d=32)."""
+    kwargs = dict(
+        task_names=TASKS,
+        hidden_size=32,
+        n_layer=2,
+        n_head=2,
+        n_inner=64,
+        context_length=4,
+        prompt_length=2,
+        max_ep_len=100,
+        resid_pdrop=0.0,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+    )
+    kwargs.update(overrides)
+    return HarmoDTConfig(**kwargs)
+
+
+def random_inputs(config: HarmoDTConfig, task_ids, seed: int = 0, steps: int | None = None) -> dict:
+    """A batch of random model inputs (with prompts when the config uses them) for the given task ids."""
+    g = torch.Generator().manual_seed(seed)
+    task_ids = torch.as_tensor(task_ids, dtype=torch.long)
+    batch, length = len(task_ids), steps or config.context_length
+    inputs = dict(
+        states=torch.randn(batch, length, config.state_dim, generator=g),
+        actions=torch.rand(batch, length, config.act_dim, generator=g) * 2 - 1,
+        returns_to_go=torch.rand(batch, length, 1, generator=g) * 4,
+        timesteps=torch.randint(0, config.max_ep_len - length, (batch, 1), generator=g) + torch.arange(length),
+        attention_mask=torch.ones(batch, length, dtype=torch.long),
+        task_ids=task_ids,
+    )
+    inputs["attention_mask"][0, :1] = 0  # left padding on one sample
+    if config.use_prompt:
+        p = config.prompt_length
+        inputs["prompt"] = dict(
+            states=torch.randn(batch, p, config.state_dim, generator=g),
+            actions=torch.rand(batch, p, config.act_dim, generator=g) * 2 - 1,
+            returns_to_go=torch.rand(batch, p, 1, generator=g),
+            timesteps=torch.arange(p).repeat(batch, 1),
+            attention_mask=torch.ones(batch, p, dtype=torch.long),
+        )
+    return inputs

@@ -1,0 +1,255 @@
+"""HarmoDTConfig / HarmoDTModel: architecture, masks, serialisation and input checks on real objects."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import TASKS, random_inputs, tiny_config
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel
+from transformers.utils import logging
+
+import harmodt_hf  # noqa: F401  (registers the Auto classes)
+from harmodt_hf import HarmoDTConfig, HarmoDTModel
+
+logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def model() -> HarmoDTModel:
+    torch.manual_seed(0)
+    return HarmoDTModel(tiny_config()).eval()
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).action_preds
+
+
+# ------------------------------------------------------------------------------------------------ serialisation
+@pytest.mark.parametrize("mask_mode", ["harmony", "none"])
+def test_save_and_load_round_trip(tmp_path, mask_mode):
+    torch.manual_seed(1)
+    model = HarmoDTModel(tiny_config(mask_mode=mask_mode, use_prompt=mask_mode == "harmony")).eval()
+    inputs = random_inputs(model.config, [0, 2, 1, 0])
+    model.save_pretrained(tmp_path)
+    loaded = HarmoDTModel.from_pretrained(tmp_path)
+    auto = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(auto, HarmoDTModel)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), HarmoDTConfig)
+    for other in (loaded, auto):
+        unnamed = {"_name_or_path": ""}
+        assert other.config.to_diff_dict() | unnamed == model.config.to_diff_dict() | unnamed
+        torch.testing.assert_close(_outputs(other, inputs), _outputs(model, inputs), rtol=0, atol=0)
+        state, other_state = model.state_dict(), other.state_dict()
+        assert state.keys() == other_state.keys()
+        for key in state:
+            assert torch.equal(state[key], other_state[key]), key
+        for name, masks in model.get_task_masks().items():
+            assert torch.equal(other.get_task_masks()[name], masks)
+
+
+def test_round_trip_after_mask_change(tmp_path, model):
+    """Masks edited after construction (as the trainer does) are what is saved and loaded."""
+    masks = {name: m.clone() for name, m in model.get_task_masks().items()}
+    first = next(iter(masks))
+    masks[first][0] = ~masks[first][0]
+    model.set_task_masks(masks)
+    assert torch.equal(model.get_task_masks()[first], masks[first])
+    model.save_pretrained(tmp_path)
+    loaded = HarmoDTModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.get_task_masks()[first], masks[first])
+
+
+def test_bfloat16_load_keeps_masks(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    loaded = HarmoDTModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    for name, masks in model.get_task_masks().items():
+        assert torch.equal(loaded.get_task_masks()[name], masks)
+
+
+def test_masks_are_bit_packed_in_safetensors(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    num_tasks = model.config.num_tasks
+    mask_bytes = 0
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        for key in f.keys():
+            if "packed_masks" in key:
+                tensor = f.get_tensor(key)
+                assert tensor.dtype == torch.uint8
+                mask_bytes += tensor.numel() * tensor.element_size()
+    bound = model.num_masked_parameters() * num_tasks / 8
+    assert 0 < mask_bytes <= bound * 1.01 + 1
+
+
+def test_checkpoint_without_masks_is_refused(tmp_path):
+    HarmoDTModel(tiny_config(mask_mode="none")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["mask_mode"] = "harmony"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="task masks"):
+        HarmoDTModel.from_pretrained(tmp_path)
+
+
+def test_checkpoint_with_other_task_count_is_refused(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    config = tiny_config(task_names=TASKS[:2])
+    with pytest.raises(ValueError, match="task count"):
+        HarmoDTModel.from_pretrained(tmp_path, config=config)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def test_erk_densities_at_paper_size():
+    model = HarmoDTModel(HarmoDTConfig(task_names=TASKS[:2], sparsity=0.2))
+    masks = model.get_task_masks()
+    total = sum(m[0].numel() for m in masks.values())
+    for task in range(2):
+        active = sum(int(m[task].sum()) for m in masks.values())
+        assert abs(active / total - 0.8) < 0.005
+    density = {name: m[0].float().mean().item() for name, m in masks.items()}
+    assert density["transformer.h.0.attn.c_proj.weight"] == 1.0  # smallest layer: dense under ERK
+    assert density["transformer.h.0.attn.c_attn.weight"] == pytest.approx(0.819, abs=0.002)
+    assert density["transformer.h.0.mlp.c_fc.weight"] == pytest.approx(0.768, abs=0.002)
+    assert density["transformer.h.0.mlp.c_proj.weight"] == pytest.approx(0.768, abs=0.002)
+    # masks differ between tasks (independent draws) yet have the same count
+    first = masks["transformer.h.0.mlp.c_fc.weight"]
+    assert not torch.equal(first[0], first[1]) and first[0].sum() == first[1].sum()
+
+
+def test_mask_init_is_seeded():
+    a = HarmoDTModel(tiny_config(mask_seed=3)).get_task_masks()
+    b = HarmoDTModel(tiny_config(mask_seed=3)).get_task_masks()
+    c = HarmoDTModel(tiny_config(mask_seed=4)).get_task_masks()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_only_body_weights_are_masked(model):
+    names = set(model.get_task_masks())
+    assert names and all(n.startswith("transformer.h.") and n.endswith(".weight") for n in names)
+    assert not any("embed" in n or "predict" in n for n in names)
+
+
+# ------------------------------------------------------------------------------------------------ behaviour
+def test_tasks_give_different_actions(model):
+    inputs = random_inputs(model.config, [0])
+    same = {k: v for k, v in inputs.items() if k != "task_ids"}
+    a = _outputs(model, {**same, "task_ids": torch.tensor([0])})
+    b = _outputs(model, {**same, "task_ids": torch.tensor([1])})
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_mask_mode_none_ignores_task_ids():
+    model = HarmoDTModel(tiny_config(mask_mode="none", use_prompt=False)).eval()
+    inputs = random_inputs(model.config, [0, 1])
+    a = _outputs(model, inputs)
+    b = _outputs(model, {**inputs, "task_ids": torch.tensor([2, 2])})
+    c = _outputs(model, {k: v for k, v in inputs.items() if k != "task_ids"})
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not model.get_task_masks()
+
+
+def test_mixed_batch_equals_samples_alone(model):
+    task_ids = [2, 0, 1, 0, 2, 2, 1]
+    inputs = random_inputs(model.config, task_ids, seed=5)
+    mixed = _outputs(model, inputs)
+    for i in range(len(task_ids)):
+        single = {k: v[i : i + 1] for k, v in inputs.items() if k != "prompt"}
+        single["prompt"] = {k: v[i : i + 1] for k, v in inputs["prompt"].items()}
+        torch.testing.assert_close(_outputs(model, single), mixed[i : i + 1], atol=1e-5, rtol=0)
+
+
+def test_left_padding_does_not_change_real_steps(model):
+    inputs = random_inputs(model.config, [1], seed=2)
+    inputs["attention_mask"][:] = 1
+    padded = {k: v for k, v in inputs.items()}
+    for key in ("states", "actions", "returns_to_go", "timesteps", "attention_mask"):
+        t = inputs[key]
+        padded[key] = torch.cat([torch.zeros_like(t[:, :2]), t], dim=1)
+    torch.testing.assert_close(_outputs(model, padded)[:, 2:], _outputs(model, inputs), atol=1e-5, rtol=0)
+
+
+def test_gradient_is_zero_where_task_mask_is_off():
+    model = HarmoDTModel(tiny_config()).train()
+    out = model(**random_inputs(model.config, [1, 1, 1]), return_loss=True)
+    out.loss.backward()
+    checked = 0
+    for name, masks in model.get_task_masks().items():
+        grad = model.get_parameter(name).grad
+        off = ~masks[1]
+        if off.any():
+            assert torch.count_nonzero(grad[off]) == 0, name
+            assert torch.count_nonzero(grad[masks[1]]) > 0, name
+            checked += 1
+    assert checked > 0
+
+
+def test_loss_is_masked_mse(model):
+    inputs = random_inputs(model.config, [0, 1])
+    out = model(**inputs, return_loss=True)
+    valid = inputs["attention_mask"].bool()
+    expected = ((out.action_preds - inputs["actions"]) ** 2)[valid].mean()
+    torch.testing.assert_close(out.loss, expected)
+    labels = torch.zeros_like(inputs["actions"])
+    out2 = model(**inputs, labels=labels)
+    torch.testing.assert_close(out2.loss, (out2.action_preds[valid] ** 2).mean())
+    assert model(**inputs).loss is None
+    assert out.action_preds.abs().max() <= 1
+
+
+def test_trains_under_trainer_loss_contract(model):
+    """``loss`` comes first so ``Trainer`` can use the model without a wrapper."""
+    out = model(**random_inputs(model.config, [0]), return_loss=True)
+    assert out[0] is out.loss and list(out.keys())[0] == "loss"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda x: x.update(states=x["states"][..., :10]), "states must be"),
+        (lambda x: x.update(actions=x["actions"][..., :3]), "actions must be"),
+        (lambda x: x.update(task_ids=torch.tensor([0, 3])), "task_ids must be in"),
+        (lambda x: x.update(task_ids=torch.tensor([0, -1])), "task_ids must be in"),
+        (lambda x: x.update(actions=x["actions"][:, :-1]), "actions has batch/steps"),
+        (lambda x: x.update(returns_to_go=x["returns_to_go"][:, :-1]), "returns_to_go has batch/steps"),
+        (lambda x: x.update(timesteps=x["timesteps"][:, :-1]), "timesteps has batch/steps"),
+        (lambda x: x.update(attention_mask=x["attention_mask"][:, :-1]), "attention_mask has batch/steps"),
+        (lambda x: x.update(timesteps=x["timesteps"] + 1000), "max_ep_len"),
+        (lambda x: x["states"].__setitem__((0, 0, 0), math.nan), "states contains NaN"),
+        (lambda x: x["returns_to_go"].__setitem__((1, 0, 0), math.nan), "returns_to_go contains NaN"),
+        (lambda x: x["prompt"]["actions"].__setitem__((0, 0, 0), math.inf), "prompt actions contains NaN"),
+        (lambda x: x.pop("task_ids"), "task_ids is required"),
+        (lambda x: x.pop("prompt"), "prompt="),
+    ],
+)
+def test_bad_input_is_named(model, edit, message):
+    inputs = random_inputs(model.config, [0, 1])
+    edit(inputs)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(hidden_size=-4), "hidden_size"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(hidden_size=30, n_head=4), "n_head"),
+        (dict(sparsity=1.0), "sparsity"),
+        (dict(sparsity=-0.1), "sparsity"),
+        (dict(mask_mode="magic"), "mask_mode"),
+        (dict(target_returns=[1.0]), "target_returns"),
+        (dict(state_mean=[[0.0] * 39]), "state_mean"),
+        (dict(state_std=[[1.0] * 5] * 3), "state_std"),
+        (dict(task_names=["a", "a"]), "task_names"),
+        (dict(resid_pdrop=1.5), "resid_pdrop"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**kwargs)
