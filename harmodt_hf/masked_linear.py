@@ -16,11 +16,13 @@ class _GroupedMaskedLinear(torch.autograd.Function):
 
     The masked weight of a group is rebuilt in backward instead of being kept alive from forward, so memory holds one
     masked copy at a time whatever the number of tasks. ``grad_W = Σ_g (grad_y[g]ᵀ x[g]) ⊙ M[t_g]``: it is exactly
-    zero where every task of the batch has its mask off.
+    zero where every task of the batch has its mask off. With a ``task_grad_sink`` (``(num_tasks, out, in)``), the
+    backward pass also adds each group's *unmasked* ``grad_y[g]ᵀ x[g]`` (the gradient with respect to the effective
+    weight ``W ⊙ M[t]``) to ``sink[t]``: the per-task signal the mask update scores.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes):  # noqa: D102
+    def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes, task_grad_sink=None):  # noqa: D102
         outputs = [
             F.linear(x_group, weight * masks[task])
             for x_group, task in zip(x.split(group_sizes), group_tasks, strict=True)
@@ -32,6 +34,7 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         ctx.group_tasks = group_tasks
         ctx.group_sizes = group_sizes
         ctx.has_bias = bias is not None
+        ctx.task_grad_sink = task_grad_sink
         return out
 
     @staticmethod
@@ -42,15 +45,21 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         x_groups = x.split(ctx.group_sizes)
         if ctx.needs_input_grad[0]:
             grad_x = torch.cat([g @ (weight * masks[t]) for g, t in zip(grad_groups, ctx.group_tasks, strict=True)])
-        if ctx.needs_input_grad[1]:
+        sink = ctx.task_grad_sink
+        if ctx.needs_input_grad[1] or sink is not None:
             grad_weight = torch.zeros_like(weight)
             for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
                 g2 = g.reshape(-1, g.shape[-1])
                 x2 = x_group.reshape(-1, x_group.shape[-1])
-                grad_weight += (g2.T @ x2) * masks[t]
+                effective_grad = g2.T @ x2
+                if sink is not None:
+                    sink[t] += effective_grad.to(sink.dtype)
+                grad_weight += effective_grad * masks[t]
+            if not ctx.needs_input_grad[1]:
+                grad_weight = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 class TaskGroups:
@@ -92,6 +101,8 @@ class MaskedLinear(nn.Module):
         else:
             self.packed_masks = None
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
+        # Set by the trainer's mask update: (num_tasks, out, in) tensor collecting per-task effective-weight grads.
+        self.task_grad_sink: torch.Tensor | None = None
 
     @property
     def is_masked(self) -> bool:
@@ -120,14 +131,16 @@ class MaskedLinear(nn.Module):
         if self.packed_masks is None or groups is None:
             return F.linear(x, self.weight, self.bias)
         masks = self.task_masks()
-        if self.implementation == "autograd":
+        if self.implementation == "autograd" and self.task_grad_sink is None:
             outputs = [
                 F.linear(x_group, self.weight * masks[t])
                 for x_group, t in zip(x.split(groups.sizes), groups.tasks, strict=True)
             ]
             out = torch.cat(outputs)
             return out + self.bias if self.bias is not None else out
-        return _GroupedMaskedLinear.apply(x, self.weight, self.bias, masks, groups.tasks, groups.sizes)
+        return _GroupedMaskedLinear.apply(
+            x, self.weight, self.bias, masks, groups.tasks, groups.sizes, self.task_grad_sink
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, masked={self.is_masked}"

@@ -270,7 +270,6 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
         return_loss: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> HarmoDTOutput | tuple:
         """Predict the action at every state token.
 
@@ -286,9 +285,7 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             labels: target actions ``(B, K, act_dim)``; with ``return_loss=True`` and no labels, ``actions`` are the
                 targets.
         """
-        if kwargs:
-            raise TypeError(f"HarmoDTModel.forward got unexpected arguments: {sorted(kwargs)}")
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
         returns_to_go = returns_to_go if returns_to_go.dim() == 3 else returns_to_go.unsqueeze(-1)
         batch, length = states.shape[:2]

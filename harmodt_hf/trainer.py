@@ -1,0 +1,381 @@
+"""HarmoDTTrainer: ``transformers.Trainer`` running HarmoDT's bi-level loop (weights inside, masks outside).
+
+Inner step: Trainer's own step (forward, backward, clipping, AdamW, schedule) on a batch laid out by task; weights
+that no task of the step uses are put back after the optimizer step, so weight decay and stale Adam moments never
+move a task's masked-out weights.
+
+Outer step (``mask_mode="harmony"``), after the optimizer step when ``global_step % mask_update_interval == 0``:
+per-task gradients on fresh batches → agreement / importance scores → prune k active, regrow k inactive weights per
+task (``harmodt_hf.masks``). Gradients are averaged over processes and the new masks are broadcast from process 0,
+so every process holds identical masks (checked by hash after every update when several processes run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import SequentialSampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+from . import masks as mask_math
+from .modeling_harmodt import HarmoDTModel
+from .segments import SegmentDataset, collate_segments
+
+logger = logging.get_logger(__name__)
+REFERENCE_MASKS_FILE = "reference_extra_masks.safetensors"
+
+
+@dataclass
+class HarmoDTTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the outer (mask) loop of HarmoDT.
+
+    ``task_sampling``: ``"round_robin"`` trains one task per optimizer step and process, tasks in turn (the official
+    schedule; each step moves only that task's active weights, so tasks take turns pulling the shared weights and
+    Adam's moments mix tasks over time); ``"all_tasks"`` puts every task in every step (batch = tasks × segments per
+    task; the gradient is the average over tasks — smoother, fewer steps per epoch of data, and the fast path on
+    large hardware). With several processes a round-robin step holds one task per process.
+    """
+
+    mask_update_interval: int = field(default=500, metadata={"help": "t_m: optimizer steps between mask updates."})
+    eta_min: float = field(default=0.0, metadata={"help": "Smallest number of weights pruned/regrown per task."})
+    eta_max: float = field(default=100.0, metadata={"help": "Largest number of weights pruned/regrown per task."})
+    eta_schedule: str = field(default="sine", metadata={"help": "'sine' (official bell 0→η_max→0) or 'cosine'."})
+    eta_total_steps: int | None = field(default=None, metadata={"help": "T of the η schedule (default max_steps)."})
+    gamma: float = field(default=10.0, metadata={"help": "Weight of the agreement term in the prune score."})
+    score: str = field(default="fisher", metadata={"help": "Importance: 'fisher' (g²) or 'magnitude' (|θ|)."})
+    update_rule: str = field(default="harmony", metadata={"help": "'harmony' (intended) or 'reference' (official)."})
+    task_sampling: str = field(default="round_robin", metadata={"help": "'round_robin' or 'all_tasks'."})
+    mask_grad_batch_size: int = field(default=8, metadata={"help": "Segments per task for the mask gradients."})
+    mask_grad_train_mode: bool = field(
+        default=True, metadata={"help": "Compute mask gradients in train mode (dropout on), as the official code."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False  # every parameter takes part in every step
+        super().__post_init__()
+        checks = {
+            "mask_update_interval": self.mask_update_interval > 0,
+            "eta_min": 0 <= self.eta_min <= self.eta_max,
+            "eta_schedule": self.eta_schedule in ("sine", "cosine"),
+            "gamma": self.gamma >= 0,
+            "score": self.score in ("fisher", "magnitude"),
+            "update_rule": self.update_rule in ("harmony", "reference"),
+            "task_sampling": self.task_sampling in ("round_robin", "all_tasks"),
+            "mask_grad_batch_size": self.mask_grad_batch_size > 0,
+            "eta_total_steps": self.eta_total_steps is None or self.eta_total_steps > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"HarmoDTTrainingArguments.{name} has an invalid value: {getattr(self, name)!r}")
+
+
+class HarmoDTTrainer(Trainer):
+    """``Trainer`` for :class:`HarmoDTModel` on a :class:`SegmentDataset`, with the HarmoDT mask loop."""
+
+    def __init__(self, model: HarmoDTModel, args: HarmoDTTrainingArguments, train_dataset: SegmentDataset, **kwargs):
+        kwargs.setdefault("data_collator", collate_segments)
+        self._validate_setup(model, args, train_dataset)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self._step_tasks = torch.zeros(model.config.num_tasks, dtype=torch.bool)
+        self._frozen_snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mask_history: list[dict[str, Any]] = []
+        self._reference_extra_masks: dict[str, torch.Tensor] | None = None
+        self._pending_mask_log: dict[str, Any] = {}
+        self.add_callback(_MaskLoopCallback(self))
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    @staticmethod
+    def _validate_setup(model: HarmoDTModel, args: HarmoDTTrainingArguments, dataset: SegmentDataset) -> None:
+        if not isinstance(args, HarmoDTTrainingArguments):
+            raise TypeError("HarmoDTTrainer needs HarmoDTTrainingArguments")
+        if not isinstance(dataset, SegmentDataset):
+            raise TypeError("HarmoDTTrainer trains on a harmodt_hf.segments.SegmentDataset")
+        config = model.config
+        data_tasks = dataset.sampler.buffer.task_names
+        if list(config.task_names) != list(data_tasks):
+            missing = sorted(set(data_tasks) - set(config.task_names))
+            raise ValueError(
+                f"Dataset tasks {data_tasks} do not match the model's tasks {config.task_names}"
+                + (f" (missing from the config: {missing})" if missing else "")
+            )
+        if dataset.task_sampling != args.task_sampling:
+            raise ValueError(
+                f"The dataset samples tasks by {dataset.task_sampling!r} but args.task_sampling is "
+                f"{args.task_sampling!r}"
+            )
+        if dataset.batch_size != args.per_device_train_batch_size:
+            raise ValueError("SegmentDataset.batch_size must equal args.per_device_train_batch_size")
+        if args.task_sampling == "all_tasks" and args.per_device_train_batch_size % config.num_tasks:
+            raise ValueError(
+                f"task_sampling='all_tasks' needs per_device_train_batch_size to be a multiple of the number of "
+                f"tasks ({config.num_tasks}), got {args.per_device_train_batch_size}"
+            )
+        if config.mask_mode == "harmony":
+            task_masks = model.get_task_masks()
+            active = mask_math.mask_density(task_masks) * model.num_masked_parameters()
+            fewest = int(min(active.min().item(), model.num_masked_parameters() - active.max().item()))
+            if args.eta_max > fewest:
+                raise ValueError(
+                    f"eta_max={args.eta_max} is larger than a task's active or inactive weight count ({fewest}): "
+                    "lower eta_max or the sparsity"
+                )
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Items are random by construction (seeded by index), so the sampler keeps them in order: this keeps the
+        round-robin task schedule and makes resuming exact."""
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._step_tasks[inputs["task_ids"].unique().cpu()] = True
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    @property
+    def harmodt(self) -> HarmoDTModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------------------------------------ inner step
+    def _tasks_in_step(self) -> torch.Tensor:
+        tasks = self._step_tasks.clone()
+        if self.accelerator.num_processes > 1:
+            tasks = self.accelerator.reduce(tasks.to(self.accelerator.device, torch.float32), "sum").cpu() > 0
+        return tasks
+
+    def snapshot_unused_weights(self) -> None:
+        """Before the optimizer step: remember the masked weights that no task of this step uses."""
+        self._frozen_snapshot = {}
+        model = self.harmodt
+        if not model.config.has_masks:
+            return
+        tasks = self._tasks_in_step()
+        self._step_tasks.zero_()
+        for name, layer in model.masked_layers().items():
+            masks = layer.task_masks()
+            used = masks[tasks.to(masks.device)].any(dim=0)
+            if not bool(used.all()):
+                unused = ~used
+                self._frozen_snapshot[name] = (unused, layer.weight.detach()[unused].clone())
+
+    @torch.no_grad()
+    def restore_unused_weights(self) -> None:
+        """After the optimizer step: put the snapshotted weights back."""
+        layers = self.harmodt.masked_layers()
+        for name, (unused, values) in self._frozen_snapshot.items():
+            layers[name].weight.data[unused] = values
+        self._frozen_snapshot = {}
+
+    # ------------------------------------------------------------------------------------------------ outer step
+    def _fresh_task_batch(self, tasks: list[int], tag: int) -> dict:
+        """``mask_grad_batch_size`` new segments for each task, seeded by (seed, step, process, tag)."""
+        dataset: SegmentDataset = self.train_dataset
+        step, rank = self.state.global_step, self.accelerator.process_index
+        items = []
+        for task in tasks:
+            seed = (self.args.seed, 7919, step, rank, tag, task)
+            items.extend(dataset.task_batch(task, self.args.mask_grad_batch_size, seed))
+        batch = collate_segments(items)
+        return self._prepare_inputs(batch)
+
+    def _per_task_loss(self, model: HarmoDTModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over tasks of each task's masked MSE, and the (num_tasks,) vector of those losses."""
+        labels = batch.pop("labels")
+        out = model(**batch)
+        valid = batch["attention_mask"].to(out.action_preds.dtype).unsqueeze(-1)
+        squared = ((out.action_preds - labels) ** 2 * valid).sum(dim=(1, 2))
+        counts = valid.sum(dim=(1, 2)) * model.config.act_dim
+        num_tasks = model.config.num_tasks
+        sums = torch.zeros(num_tasks, device=squared.device).index_add(0, batch["task_ids"], squared)
+        totals = torch.zeros(num_tasks, device=squared.device).index_add(0, batch["task_ids"], counts)
+        losses = sums / totals.clamp_min(1.0)
+        return losses.sum(), losses.detach()
+
+    def _clip_task_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        """Scale each task's gradient to norm ≤ max_grad_norm (the clipping of the official per-task gradients)."""
+        if self.args.max_grad_norm <= 0:
+            return
+        num_tasks = next(iter(grads.values())).shape[0]
+        norms = torch.sqrt(sum(g.reshape(num_tasks, -1).pow(2).sum(1) for g in grads.values()))
+        scale = (self.args.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads.values():
+            g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+
+    def _harmony_task_gradients(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-task gradients w.r.t. the effective weights W ⊙ M_t, from one task-grouped pass over all tasks."""
+        model = self.harmodt
+        layers = model.masked_layers()
+        num_tasks = model.config.num_tasks
+        for layer in layers.values():
+            layer.task_grad_sink = torch.zeros(num_tasks, *layer.weight.shape, device=layer.weight.device)
+        try:
+            batch = self._fresh_task_batch(list(range(num_tasks)), tag=0)
+            loss, losses = self._per_task_loss(model, batch)
+            torch.autograd.grad(loss, [layer.weight for layer in layers.values()])
+            grads = {f"{name}.weight": layer.task_grad_sink for name, layer in layers.items()}
+        finally:
+            for layer in layers.values():
+                layer.task_grad_sink = None
+        return grads, losses
+
+    def _reference_task_gradients(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The official per-task gradients: one pass per task, clipped to max_grad_norm, masked for the body."""
+        model = self.harmodt
+        params = dict(model.named_parameters())
+        grads = {name: torch.zeros(model.config.num_tasks, *p.shape, device=p.device) for name, p in params.items()}
+        losses = torch.zeros(model.config.num_tasks)
+        for task in range(model.config.num_tasks):
+            batch = self._fresh_task_batch([task], tag=1)
+            loss, task_losses = self._per_task_loss(model, batch)
+            task_grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in task_grads if g is not None))
+            scale = min(1.0, self.args.max_grad_norm / (float(norm) + 1e-6)) if self.args.max_grad_norm > 0 else 1.0
+            for name, g in zip(params, task_grads, strict=True):
+                if g is not None:
+                    grads[name][task] = g * scale
+            losses[task] = task_losses[task].cpu()
+        return grads, losses
+
+    def _reference_masks_all(self) -> dict[str, torch.Tensor]:
+        """Masks over every parameter for the reference rule: the model's body masks plus trainer-held masks for
+        the parameters the forward never masks (embeddings, heads, biases, norms: dense at the start)."""
+        model = self.harmodt
+        body = model.get_task_masks()
+        if self._reference_extra_masks is None:
+            num_tasks = model.config.num_tasks
+            self._reference_extra_masks = {
+                name: torch.ones(num_tasks, *p.shape, dtype=torch.bool, device=p.device)
+                for name, p in model.named_parameters()
+                if name not in body
+            }
+        return {name: body.get(name, self._reference_extra_masks.get(name)) for name, _ in model.named_parameters()}
+
+    def update_masks(self) -> dict[str, Any]:
+        """One outer step: score, prune and regrow every task's mask; returns (and logs) its statistics."""
+        model = self.harmodt
+        args = self.args
+        total = args.eta_total_steps or self.state.max_steps
+        k = mask_math.prune_count(self.state.global_step, total, args.eta_min, args.eta_max, args.eta_schedule)
+        was_training = model.training
+        model.train(args.mask_grad_train_mode)
+        try:
+            if args.update_rule == "harmony":
+                grads, losses = self._harmony_task_gradients()
+            else:
+                grads, losses = self._reference_task_gradients()
+        finally:
+            model.train(was_training)
+        if self.accelerator.num_processes > 1:
+            grads = {name: self.accelerator.reduce(g, "mean") for name, g in grads.items()}
+            losses = self.accelerator.reduce(losses.to(self.accelerator.device), "mean").cpu()
+
+        body_names = list(model.get_task_masks())
+        stats: dict[str, Any] = {}
+        if self.accelerator.is_main_process:
+            with torch.no_grad():
+                if args.update_rule == "harmony":
+                    self._clip_task_grads(grads)
+                    params = {name: model.get_parameter(name) for name in body_names}
+                    agreement = mask_math.agreement_scores(grads)
+                    importance = mask_math.importance_scores(grads, params, args.score)
+                    prune = mask_math.harmony_scores(agreement, importance, args.gamma)
+                    new_masks, stats = mask_math.select_prune_regrow(model.get_task_masks(), prune, agreement, k)
+                else:
+                    params = dict(model.named_parameters())
+                    new_all, stats = mask_math.reference_prune_regrow(
+                        self._reference_masks_all(), grads, params, k, args.gamma, args.score
+                    )
+                    new_masks = {name: new_all[name] for name in body_names}
+                    self._reference_extra_masks = {n: m for n, m in new_all.items() if n not in new_masks}
+            model.set_task_masks(new_masks)
+        self._broadcast_masks()
+        record = self._mask_log(k, stats, losses)
+        self.mask_history.append({"step": self.state.global_step, "hash": self.mask_hash(), **record})
+        return record
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Trainer's log, with the last mask update's statistics merged into the log of the same step."""
+        if self._pending_mask_log:
+            logs = {**logs, **self._pending_mask_log}
+            self._pending_mask_log = {}
+        super().log(logs, *args, **kwargs)
+
+    def _broadcast_masks(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        from accelerate.utils import broadcast
+
+        for layer in self.harmodt.masked_layers().values():
+            packed = broadcast(layer.packed_masks.to(self.accelerator.device), from_process=0)
+            layer.packed_masks.copy_(packed.to(layer.packed_masks.device))
+        digest = torch.tensor([int(self.mask_hash()[:15], 16)], device=self.accelerator.device)
+        gathered = self.accelerator.gather(digest)
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(f"Task masks differ between processes after the mask update: {gathered.tolist()}")
+
+    def mask_hash(self) -> str:
+        """SHA-256 of all packed task masks (identical on every process after each update)."""
+        digest = hashlib.sha256()
+        for name, layer in sorted(self.harmodt.masked_layers().items()):
+            digest.update(name.encode())
+            digest.update(layer.packed_masks.cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _mask_log(self, k: int, stats: dict, losses: torch.Tensor) -> dict[str, Any]:
+        model = self.harmodt
+        task_masks = model.get_task_masks()
+        density = mask_math.mask_density(task_masks)
+        iou = mask_math.pairwise_iou(task_masks)
+        num_tasks = model.config.num_tasks
+        off_diagonal = iou[~torch.eye(num_tasks, dtype=torch.bool)]
+        record: dict[str, Any] = {
+            "mask/k": k,
+            "mask/pruned": int(stats["pruned"].sum()) if "pruned" in stats else 0,
+            "mask/regrown": int(stats["regrown"].sum()) if "regrown" in stats else 0,
+            "mask/mean_density": float(density.mean()),
+            "mask/mean_pairwise_iou": float(off_diagonal.mean()) if num_tasks > 1 else 1.0,
+        }
+        for t, name in enumerate(model.config.task_names):
+            record[f"mask/density/{name}"] = float(density[t])
+            record[f"mask/loss/{name}"] = float(losses[t])
+        return record
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self._reference_extra_masks is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            extra = {k: v.to(torch.uint8).contiguous().cpu() for k, v in self._reference_extra_masks.items()}
+            save_file(extra, os.path.join(folder, REFERENCE_MASKS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, REFERENCE_MASKS_FILE)
+        if os.path.exists(path):
+            self._reference_extra_masks = {k: v.bool() for k, v in load_file(path).items()}
+
+
+class _MaskLoopCallback(TrainerCallback):
+    """Connects the trainer's mask loop to the optimizer step and the step end."""
+
+    def __init__(self, trainer: HarmoDTTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.snapshot_unused_weights()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.restore_unused_weights()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        config = self.trainer.harmodt.config
+        if config.mask_mode == "harmony" and state.global_step % args.mask_update_interval == 0:
+            record = self.trainer.update_masks()
+            if control.should_log:  # Trainer logs the loss right after this callback: join that log
+                self.trainer._pending_mask_log = record
+            else:
+                self.trainer.log(record)
