@@ -1,0 +1,400 @@
+"""Publish model and dataset folders to the Hugging Face Hub, checked before and after the upload.
+
+Before anything goes over the network: the repo id is valid, the folder holds what a Hub repo of its kind needs (a
+model: ``config.json``, safetensors weights, ``README.md``; a dataset: ``README.md`` and parquet files matching the
+card's ``configs:``), every local file the card links to exists and will be uploaded, and a token is available.
+After the upload: the remote tree at the target revision holds every local file with the same size and hash, so a
+half-finished upload is never reported as success.
+
+The endpoint, token and caches are huggingface_hub's (``HF_ENDPOINT``, ``HF_TOKEN`` / ``hf auth login``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from hashlib import sha256
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+from huggingface_hub.utils.sha import git_hash
+
+__all__ = [
+    "HubAuthError",
+    "HubPushError",
+    "card_links",
+    "check_repo_id",
+    "push_dataset",
+    "push_model",
+    "validate_dataset_folder",
+    "validate_model_folder",
+]
+
+# Never uploaded (besides huggingface_hub's own .git / .cache/huggingface): half-written files and Python caches.
+IGNORE_PATTERNS: list[str] = ["*.tmp", "__pycache__", "*/__pycache__/*", "__pycache__/*", "*.pyc"]
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_WEIGHTS_INDEX = "model.safetensors.index.json"
+_TOKEN_HELP = (
+    "set the HF_TOKEN environment variable, pass token=..., or log in with `huggingface-cli login` / `hf auth login`"
+)
+
+
+class HubPushError(RuntimeError):
+    """The Hub refused the upload, or the uploaded repo does not match the local folder."""
+
+
+class HubAuthError(HubPushError):
+    """No token, or a token the Hub rejects."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Local checks (no network)
+# ---------------------------------------------------------------------------------------------------------------------
+def check_repo_id(repo_id: str) -> str:
+    """Validate ``repo_id`` ("namespace/name" or "name") with huggingface_hub's rules; a clear ValueError if bad."""
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"Invalid repo id {repo_id!r}: expected 'namespace/name'.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"Invalid repo id {repo_id!r}: {err} Use 'namespace/name' made of letters, digits, '-', '_' and '.'."
+        ) from err
+    return repo_id
+
+
+def _front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """The card's YAML metadata (``{}`` if none) and its body."""
+    match = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.S)
+    if not match:
+        return {}, text
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as err:
+        raise ValueError(f"README.md has invalid YAML metadata: {err}") from err
+    if data is not None and not isinstance(data, dict):
+        raise ValueError("README.md YAML metadata must be a mapping.")
+    return data or {}, text[match.end() :]
+
+
+_MD_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'(][^)]*)?\)")
+_MD_REF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.M)
+_HTML_SRC = re.compile(
+    r"<(?:img|a|video|source|audio|embed|iframe)\b[^>]*?\b(?:src|href)\s*=\s*[\"']([^\"']+)[\"']", re.I
+)
+_FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M)
+_INLINE_CODE = re.compile(r"`[^`\n]*`")
+
+
+def card_links(text: str) -> list[str]:
+    """Relative local paths a card links to (markdown links and images, reference links, HTML src/href).
+
+    URLs with a scheme (``https:``, ``mailto:``...), protocol-relative and absolute paths, and in-page anchors are
+    not local files; anchors and queries are stripped; code blocks and inline code are skipped.
+    """
+    _, body = _front_matter(text)
+    body = _INLINE_CODE.sub("", _FENCE.sub("", body))
+    found: list[str] = []
+    for target in [*_MD_LINK.findall(body), *_MD_REF.findall(body), *_HTML_SRC.findall(body)]:
+        target = target.strip()
+        if not target or target.startswith(("#", "/", "\\")) or urlsplit(target).scheme:
+            continue
+        path = unquote(target.split("#", 1)[0].split("?", 1)[0])
+        if path.startswith("./"):
+            path = path[2:]
+        if path and path not in found:
+            found.append(path)
+    return found
+
+
+def _upload_list(folder: Path) -> list[str]:
+    """Files ``upload_folder`` will send, as POSIX paths relative to ``folder`` (same ignore rules)."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return list(filter_repo_objects(files, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, *IGNORE_PATTERNS]))
+
+
+def _check_card(folder: Path, uploads: list[str]) -> dict[str, Any]:
+    """README.md exists, its YAML parses, and every file it links to is in ``uploads``. Returns the metadata."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        raise FileNotFoundError(f"{folder} has no README.md: a Hub repo needs its card.")
+    text = readme.read_text(encoding="utf-8")
+    metadata, _ = _front_matter(text)
+    upload_set = set(uploads)
+    missing, escaping = [], []
+    for link in card_links(text):
+        posix = PurePosixPath(link)
+        if ".." in posix.parts:
+            escaping.append(link)
+            continue
+        key = posix.as_posix().rstrip("/")
+        is_dir = any(u.startswith(key + "/") for u in upload_set)
+        if key not in upload_set and not is_dir:
+            missing.append(link)
+    if escaping:
+        raise ValueError(f"README.md links to files outside {folder}, which would not be uploaded: {escaping}")
+    if missing:
+        raise FileNotFoundError(
+            f"README.md links to local files that are missing from {folder} (or excluded from upload): {missing}"
+        )
+    return metadata
+
+
+def validate_model_folder(folder: str | os.PathLike) -> list[str]:
+    """Check a model folder (config.json, safetensors weights or a complete sharded index, README.md and the files it
+    links to). Returns the files that will be uploaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Model folder {folder} does not exist.")
+    uploads = _upload_list(folder)
+    problems = []
+    if "config.json" not in uploads:
+        problems.append("config.json (save the model with save_pretrained)")
+    if MODEL_WEIGHTS_INDEX in uploads:
+        weight_map = json.loads((folder / MODEL_WEIGHTS_INDEX).read_text()).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        absent = [s for s in shards if s not in uploads]
+        if not shards or absent:
+            problems.append(f"the shards listed in {MODEL_WEIGHTS_INDEX} ({absent or 'empty weight_map'})")
+    elif MODEL_WEIGHTS not in uploads:
+        problems.append(f"weights ({MODEL_WEIGHTS} or {MODEL_WEIGHTS_INDEX} with its shards)")
+    if "README.md" not in uploads:
+        problems.append("README.md (the model card)")
+    if problems:
+        raise FileNotFoundError(f"Model folder {folder} is incomplete, missing: " + "; ".join(problems))
+    _check_card(folder, uploads)
+    return uploads
+
+
+def _data_file_patterns(configs: Any) -> dict[str, list[str]]:
+    """``configs:`` of a dataset card -> {config_name: [path patterns]}."""
+    if configs is None:
+        return {}
+    if not isinstance(configs, list):
+        raise ValueError("README.md `configs:` must be a list.")
+    out: dict[str, list[str]] = {}
+    for config in configs:
+        if not isinstance(config, dict) or "config_name" not in config:
+            raise ValueError(f"README.md `configs:` entries need a config_name, got {config!r}")
+        data_files = config.get("data_files")
+        entries = data_files if isinstance(data_files, list) else [data_files] if data_files is not None else []
+        patterns: list[str] = []
+        for entry in entries:
+            paths = entry.get("path") if isinstance(entry, dict) else entry
+            patterns += [paths] if isinstance(paths, str) else list(paths or [])
+        out[str(config["config_name"])] = patterns
+    return out
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A data_files glob as a regex over POSIX paths: ``*`` and ``?`` stay within a folder, ``**`` spans folders."""
+    pattern = pattern[2:] if pattern.startswith("./") else pattern
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1 : end]
+            out, i = out + "[" + ("^" + body[1:] if body.startswith("!") else body) + "]", end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def validate_dataset_folder(folder: str | os.PathLike) -> list[str]:
+    """Check a dataset folder (README.md, at least one .parquet, every ``configs:`` data_files pattern matching a
+    file, linked files present). Returns the files that will be uploaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Dataset folder {folder} does not exist.")
+    uploads = _upload_list(folder)
+    problems = []
+    if "README.md" not in uploads:
+        problems.append("README.md (the dataset card)")
+    if not any(u.endswith(".parquet") for u in uploads):
+        problems.append("at least one .parquet file")
+    if problems:
+        raise FileNotFoundError(f"Dataset folder {folder} is incomplete, missing: " + "; ".join(problems))
+    metadata = _check_card(folder, uploads)
+    unmatched = {
+        name: pattern
+        for name, patterns in _data_file_patterns(metadata.get("configs")).items()
+        for pattern in patterns
+        if not any(_glob_regex(pattern).fullmatch(u) for u in uploads)
+    }
+    if unmatched:
+        raise FileNotFoundError(f"README.md configs point at data_files matching no file in {folder}: {unmatched}")
+    return uploads
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Upload
+# ---------------------------------------------------------------------------------------------------------------------
+def _authenticate(api: HfApi, token: str | None) -> tuple[str, str]:
+    """The token to use and the user it belongs to; HubAuthError if there is none or the Hub rejects it."""
+    token = token or get_token()
+    if not token:
+        raise HubAuthError(f"No Hugging Face token found for uploading to {api.endpoint}: {_TOKEN_HELP}.")
+    try:
+        user = api.whoami(token=token)["name"]
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            raise HubAuthError(f"{api.endpoint} rejected the token ({status}): {_TOKEN_HELP}.") from err
+        raise
+    return token, user
+
+
+def _verify_remote(api: HfApi, repo_id: str, repo_type: str, revision: str, folder: Path, uploads: list[str]) -> None:
+    """Every local file is in the remote tree with the same size and hash; HubPushError otherwise."""
+    remote = {
+        entry.path: entry
+        for entry in api.list_repo_tree(repo_id, repo_type=repo_type, revision=revision, recursive=True)
+        if hasattr(entry, "size")
+    }
+    missing = [p for p in uploads if p not in remote]
+    different = []
+    for path in uploads:
+        entry = remote.get(path)
+        if entry is None:
+            continue
+        local = folder / path
+        if entry.size != local.stat().st_size:
+            different.append(path)
+        elif entry.lfs is not None:
+            digest = sha256()
+            with open(local, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if entry.lfs.sha256 != digest.hexdigest():
+                different.append(path)
+        elif entry.blob_id != git_hash(local.read_bytes()):
+            different.append(path)
+    if missing or different:
+        raise HubPushError(
+            f"Upload to {repo_type} repo {repo_id}@{revision} is incomplete: missing {missing}, different {different}."
+        )
+
+
+def _push(
+    folder: Path,
+    uploads: list[str],
+    repo_id: str,
+    repo_type: str,
+    *,
+    private: bool,
+    revision: str | None,
+    commit_message: str,
+    token: str | None,
+) -> str:
+    api = HfApi()
+    token, user = _authenticate(api, token)
+    if "/" not in repo_id:
+        repo_id = f"{user}/{repo_id}"
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, token=token)
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True, token=token)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type=repo_type,
+            revision=revision,
+            commit_message=commit_message,
+            token=token,
+            ignore_patterns=list(IGNORE_PATTERNS),
+        )
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            raise HubAuthError(f"The Hub refused to write to {repo_type} repo {repo_id} ({status}): {err}") from err
+        raise
+    _verify_remote(api, repo_id, repo_type, revision or "main", folder, uploads)
+    return info
+
+
+def push_model(
+    folder_or_model: str | os.PathLike | Any,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    card: str | None = None,
+) -> str:
+    """Upload a model folder (or a ``PreTrainedModel``) to a Hub model repo; returns the commit URL.
+
+    A folder must hold ``config.json``, ``model.safetensors`` (or ``model.safetensors.index.json`` and its shards)
+    and ``README.md``; files the card links to must be in the folder. A model object is saved to a temporary
+    folder first, with ``card`` as its README (or, without ``card``, the README.md of the folder it was loaded
+    from). The repo is created if needed (``private`` only applies then) and ``revision``, a branch, is created from
+    ``main`` if missing. The returned string is a ``CommitInfo`` (also carrying ``.oid``).
+    """
+    check_repo_id(repo_id)
+    message = commit_message or "Upload model with harmodt_hf.push_model"
+    if isinstance(folder_or_model, (str, os.PathLike)):
+        if card is not None:
+            raise ValueError("card= is for model objects; put README.md in the model folder instead.")
+        folder = Path(folder_or_model)
+        uploads = validate_model_folder(folder)
+        return _push(
+            folder, uploads, repo_id, "model", private=private, revision=revision, commit_message=message, token=token
+        )
+    if not hasattr(folder_or_model, "save_pretrained"):
+        raise TypeError(f"push_model expects a folder or a PreTrainedModel, got {type(folder_or_model).__name__}")
+    with tempfile.TemporaryDirectory(prefix="harmodt-push-") as tmp:
+        folder = Path(tmp)
+        folder_or_model.save_pretrained(folder)
+        name_or_path = str(getattr(folder_or_model, "name_or_path", "") or "")
+        source = Path(name_or_path) if name_or_path else None  # the local folder it was loaded from, if any
+        if card is not None:
+            (folder / "README.md").write_text(card, encoding="utf-8")
+        elif source is not None and source.is_dir() and (source / "README.md").is_file():
+            shutil.copy2(source / "README.md", folder / "README.md")
+            for link in card_links((source / "README.md").read_text(encoding="utf-8")):
+                src = source / link
+                if ".." not in PurePosixPath(link).parts and src.is_file() and not (folder / link).exists():
+                    (folder / link).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, folder / link)
+        else:
+            raise ValueError("A model card is required: pass card='...' (the README.md text) to push a model object.")
+        uploads = validate_model_folder(folder)
+        return _push(
+            folder, uploads, repo_id, "model", private=private, revision=revision, commit_message=message, token=token
+        )
+
+
+def push_dataset(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Upload a dataset folder (README.md with ``configs:``, parquet files) to a Hub dataset repo; returns the
+    commit URL (a ``CommitInfo``). Same checks and repo/branch handling as `push_model`."""
+    check_repo_id(repo_id)
+    folder = Path(folder)
+    uploads = validate_dataset_folder(folder)
+    message = commit_message or "Upload dataset with harmodt_hf.push_dataset"
+    return _push(
+        folder, uploads, repo_id, "dataset", private=private, revision=revision, commit_message=message, token=token
+    )
