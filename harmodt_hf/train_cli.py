@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from .configuration_harmodt import HarmoDTConfig
 from .modeling_harmodt import HarmoDTModel
 from .segments import EpisodeBuffer, SegmentDataset, SegmentSampler
+from .tasks import MT50
 from .trainer import HarmoDTTrainer, HarmoDTTrainingArguments
 
 # What each paper variant means for the model and the mask loop.
@@ -169,6 +170,8 @@ def load_episodes(data_args: DataArguments) -> EpisodeBuffer:
 
     dataset = load_metaworld_dataset(data_args.dataset, data_args.dataset_config)
     present = list(dict.fromkeys(dataset["task_name"]))
+    if all(t in MT50 for t in present):
+        present.sort(key=MT50.index)  # canonical order, whatever the order of the files
     if data_args.tasks:
         missing = [t for t in data_args.tasks if t not in present]
         if missing:
@@ -184,6 +187,7 @@ def load_episodes(data_args: DataArguments) -> EpisodeBuffer:
 def build_trainer(model_args, data_args, training_args, buffer: EpisodeBuffer, callbacks=None) -> HarmoDTTrainer:
     """Config, model (with evaluation prompts stored), segment dataset and trainer."""
     config = build_config(model_args, buffer)
+    set_seed(training_args.seed)  # the model's initial weights depend on the run's seed only
     model = HarmoDTModel(config)
     sampler = SegmentSampler(buffer, config)
     if config.use_prompt:
@@ -239,5 +243,7 @@ def main(argv: list[str] | None = None) -> Path:
             "mask_history": trainer.mask_history,
         }
         (final / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        (final / "trainer_log.json").write_text(json.dumps(losses))
     trainer.accelerator.wait_for_everyone()
     return final
