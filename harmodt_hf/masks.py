@@ -18,14 +18,24 @@ Conventions: masks are dicts ``name -> bool tensor (num_tasks, *param_shape)``; 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import torch
 
 __all__ = [
+    "agreement_scores",
     "erk_densities",
     "erk_masks",
+    "harmony_scores",
+    "importance_scores",
+    "mask_density",
+    "merged_mask",
     "pack_masks",
+    "pairwise_iou",
+    "prune_count",
+    "reference_prune_regrow",
+    "select_prune_regrow",
     "unpack_masks",
 ]
 
@@ -84,6 +94,9 @@ def erk_densities(
     return {name: 1.0 if name in dense else epsilon * raw[name] for name in shapes}
 
 
+_NOISE_BUDGET = 1 << 25  # float32 noise entries drawn at once by erk_masks (128 MiB)
+
+
 def erk_masks(
     shapes: Mapping[str, tuple[int, ...]],
     num_tasks: int,
@@ -92,9 +105,9 @@ def erk_masks(
 ) -> dict[str, torch.Tensor]:
     """Independent random ERK masks, one per task.
 
-    Every task's layer keeps exactly ``round(density_l · numel_l)`` weights (a uniformly random subset, drawn with
-    ``torch.randperm``), so the overall density is ``1 - sparsity`` up to per-layer rounding. The official code
-    draws Bernoulli(density_l) entries instead (the counts vary by a few hundred per layer).
+    Every task's layer keeps exactly ``round(density_l · numel_l)`` weights (a uniformly random subset: the entries
+    with the smallest uniform noise, via ``torch.topk``), so the overall density is ``1 - sparsity`` up to per-layer
+    rounding. The official code draws Bernoulli(density_l) entries instead (counts vary by a few hundred per layer).
 
     Args:
         shapes: parameter name -> shape (without the task dimension).
@@ -119,13 +132,16 @@ def erk_masks(
         if keep == numel:
             masks[name] = torch.ones((num_tasks, *shape), dtype=torch.bool, device=device)
             continue
-        # Draw the smaller of the kept / dropped sets: same cost (one permutation per task), fewer writes.
+        # The `count` entries with the smallest uniform noise form a uniformly random subset of exactly `count`
+        # entries (topk returns exactly `count` indices, ties included). Draw the smaller of the kept / dropped sets.
         drop = numel - keep
         fill, count = (False, drop) if drop <= keep else (True, keep)
         flat = torch.full((num_tasks, numel), not fill, dtype=torch.bool, device=device)
-        for task in range(num_tasks):
-            idx = torch.randperm(numel, generator=generator, device=device)[:count]
-            flat[task, idx] = fill
+        rows = max(1, _NOISE_BUDGET // numel)  # bound the float32 noise buffer; fixed per layer → deterministic
+        for start in range(0, num_tasks, rows):
+            block = flat[start : start + rows]
+            noise = torch.rand(block.shape, generator=generator, device=device)
+            block.scatter_(1, torch.topk(noise, count, dim=1, largest=False, sorted=False).indices, fill)
         masks[name] = flat.view(num_tasks, *shape)
     return masks
 
@@ -134,7 +150,7 @@ def erk_masks(
 # Bit packing (storage of masks in safetensors)
 # ----------------------------------------------------------------------------------------------------------------
 
-_BIT_SHIFTS = tuple(range(8))
+_BIT_VALUES = tuple(1 << b for b in range(8))  # little bit order: element 8·j + b ↔ bit b of byte j
 
 
 def pack_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -153,11 +169,9 @@ def pack_masks(masks: torch.Tensor) -> torch.Tensor:
     pad = nbytes * 8 - numel
     if pad:
         flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
-    bits = flat.view(rows, nbytes, 8).to(torch.uint8)
-    packed = bits[:, :, 0].clone()
-    for b in _BIT_SHIFTS[1:]:
-        packed |= bits[:, :, b] << b
-    return packed
+    weights = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=flat.device)
+    # one multiply and a uint8 sum per byte (exact: the sum of distinct bit values is at most 255)
+    return (flat.contiguous().view(torch.uint8).view(rows, nbytes, 8) * weights).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_masks(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
@@ -178,6 +192,441 @@ def unpack_masks(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> t
             f"packed masks of shape {tuple(packed.shape)} do not match mask shape {shape} "
             f"(expected packed shape {(rows, nbytes)})"
         )
-    shifts = torch.tensor(_BIT_SHIFTS, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.view(rows, nbytes * 8)[:, :numel].to(torch.bool).reshape(shape)
+    weights = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) & weights) != 0
+    return bits.view(rows, nbytes * 8)[:, :numel].reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _num_tasks(tensors: Mapping[str, torch.Tensor], what: str) -> int:
+    if not tensors:
+        raise ValueError(f"{what} is empty")
+    sizes = {t.shape[0] if t.dim() > 0 else None for t in tensors.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"{what} must all have the same leading task dimension, got sizes {sorted(map(str, sizes))}")
+    return int(next(iter(sizes)))
+
+
+def _check_same_layout(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str) -> None:
+    missing = [n for n in ref if n not in other]
+    if missing:
+        raise ValueError(f"{what} lacks entries for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, tensor in ref.items():
+        if tuple(other[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(other[name].shape)}, expected {tuple(tensor.shape)}")
+
+
+def _row_counts(flat: torch.Tensor) -> torch.Tensor:
+    """Number of True entries per row of a ``(T, N)`` bool tensor, int64 (an int32 sum of the uint8 view is several
+    times faster than ``bool.sum``)."""
+    flat = flat.contiguous()
+    if flat.shape[1] < 2**31:
+        return flat.view(torch.uint8).sum(dim=1, dtype=torch.int32).to(torch.int64)
+    return flat.sum(dim=1, dtype=torch.int64)
+
+
+def _flat(tensors: Mapping[str, torch.Tensor], names: list[str], num_tasks: int) -> torch.Tensor:
+    """Concatenate ``name -> (T, *shape)`` tensors into a new ``(T, N)`` tensor (always a copy)."""
+    return torch.cat([tensors[n].reshape(num_tasks, -1) for n in names], dim=1)
+
+
+def mask_density(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-task overall density (kept / total over all parameters), float64 tensor of shape ``(T,)``."""
+    num_tasks = _num_tasks(masks, "masks")
+    active = sum(_row_counts(m.reshape(num_tasks, -1).to(torch.bool)) for m in masks.values())
+    total = sum(m[0].numel() for m in masks.values())
+    return active.to(torch.float64) / total
+
+
+def pairwise_iou(masks: Mapping[str, torch.Tensor], chunk: int = 1 << 20) -> torch.Tensor:
+    """Intersection over union of the flattened task masks, ``(T, T)`` float64.
+
+    Intersections come from float32 matmuls of 0/1 column chunks of at most ``chunk`` (≤ 2**24) columns, which are
+    exact, accumulated in float64. Two empty masks have IoU 1.
+    """
+    if not 0 < chunk <= 1 << 24:
+        raise ValueError(f"chunk must be in [1, 2**24], got {chunk}")
+    num_tasks = _num_tasks(masks, "masks")
+    device = next(iter(masks.values())).device
+    inter = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+    with torch.autocast(device.type, enabled=False):  # a bf16/fp16 matmul would not be exact
+        for m in masks.values():
+            flat = m.reshape(num_tasks, -1)
+            for start in range(0, flat.shape[1], chunk):
+                block = flat[:, start : start + chunk].to(torch.float32)
+                inter += (block @ block.T).to(torch.float64)
+                counts += block.sum(dim=1, dtype=torch.float64)
+    union = counts[:, None] + counts[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+
+
+def merged_mask(masks: Mapping[str, torch.Tensor], threshold: int) -> dict[str, torch.Tensor]:
+    """Mask for unseen tasks: keep a weight where at least ``threshold`` of the T task masks keep it.
+
+    Returns name -> bool tensor of the parameter's shape (no task dimension). ``threshold`` must be in [0, T]
+    (official default 25 of 50 tasks).
+    """
+    num_tasks = _num_tasks(masks, "masks")
+    if not 0 <= threshold <= num_tasks:
+        raise ValueError(f"threshold must be in [0, {num_tasks}] (number of tasks), got {threshold}")
+    return {
+        name: m.to(torch.bool).contiguous().view(torch.uint8).sum(dim=0, dtype=torch.int32) >= threshold
+        for name, m in masks.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores (rule "harmony")
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def agreement_scores(task_grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Agreement of each task's gradient with the mean gradient: ``ḡ ⊙ g_i``, ḡ = mean over tasks (dim 0).
+
+    Args:
+        task_grads: name -> per-task gradients ``(T, *shape)``.
+
+    Returns:
+        name -> ``(T, *shape)`` scores (positive where task i pulls with the average).
+    """
+    _num_tasks(task_grads, "task_grads")
+    return {name: g.mean(dim=0, keepdim=True) * g for name, g in task_grads.items()}
+
+
+def importance_scores(
+    task_grads: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor] | None,
+    kind: Literal["fisher", "magnitude"],
+) -> dict[str, torch.Tensor]:
+    """Importance of each weight for each task: ``g_i²`` (``"fisher"``) or ``|θ|`` (``"magnitude"``).
+
+    Args:
+        task_grads: name -> per-task gradients ``(T, *shape)``.
+        params: name -> parameter ``(*shape)``; only needed for ``"magnitude"``.
+        kind: ``"fisher"`` or ``"magnitude"``.
+
+    Returns:
+        name -> ``(T, *shape)``; for ``"magnitude"`` an expanded (non-materialised) view of ``|θ|``.
+    """
+    num_tasks = _num_tasks(task_grads, "task_grads")
+    if kind == "fisher":
+        return {name: g * g for name, g in task_grads.items()}
+    if kind == "magnitude":
+        if params is None:
+            raise ValueError('importance kind "magnitude" needs params')
+        out = {}
+        for name, g in task_grads.items():
+            if name not in params:
+                raise ValueError(f"params lacks {name!r}, needed for magnitude importance")
+            theta = params[name]
+            if tuple(theta.shape) != tuple(g.shape[1:]):
+                raise ValueError(f"params[{name!r}] has shape {tuple(theta.shape)}, expected {tuple(g.shape[1:])}")
+            out[name] = theta.detach().abs().unsqueeze(0).expand(num_tasks, *theta.shape)
+        return out
+    raise ValueError(f'importance kind must be "fisher" or "magnitude", got {kind!r}')
+
+
+def harmony_scores(
+    agreement: Mapping[str, torch.Tensor], importance: Mapping[str, torch.Tensor], gamma: float
+) -> dict[str, torch.Tensor]:
+    """Prune score of the harmony rule: ``γ · agreement + importance`` (the lowest active entries are pruned)."""
+    _check_same_layout(agreement, importance, "importance")
+    return {name: gamma * a + importance[name] for name, a in agreement.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_k(k: int, active: torch.Tensor, total: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    inactive = total - active
+    if k > int(active.min()) or k > int(inactive.min()):
+        raise ValueError(
+            f"k={k} exceeds a task's active or inactive count: active counts {active.tolist()}, "
+            f"inactive counts {inactive.tolist()} (of {total} weights per task)"
+        )
+
+
+def _apply_selection(
+    flat_masks: torch.Tensor,
+    active: torch.Tensor,
+    prune_idx: torch.Tensor,
+    regrow_idx: torch.Tensor,
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flip the selected entries of a ``(T, N)`` mask and split it back into a dict; build the stats.
+
+    ``prune_idx`` must hold distinct active entries and ``regrow_idx`` distinct inactive ones (callers check)."""
+    num_tasks = flat_masks.shape[0]
+    pruned = _row_counts(flat_masks.gather(1, prune_idx))
+    regrown = _row_counts(~flat_masks.gather(1, regrow_idx))
+    new = flat_masks.clone()
+    new.scatter_(1, prune_idx, False)
+    new.scatter_(1, regrow_idx, True)
+    numels = [math.prod(s) for s in shapes]
+    pieces = torch.split(new, numels, dim=1)
+    new_masks = {n: p.reshape(num_tasks, *s) for n, p, s in zip(names, pieces, shapes, strict=True)}
+
+    bounds = torch.tensor(numels, device=new.device).cumsum(0)
+    n_params = len(names)
+
+    def per_param(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        which = torch.searchsorted(bounds, idx, right=True)
+        counts = torch.zeros(num_tasks, n_params, dtype=torch.int64, device=new.device)
+        counts.scatter_add_(1, which, torch.ones_like(which))
+        return {n: counts[:, j] for j, n in enumerate(names)}
+
+    stats = {
+        "pruned": pruned,
+        "regrown": regrown,
+        "active": active - pruned + regrown,
+        "prune_indices": prune_idx.sort(dim=1).values,
+        "regrow_indices": regrow_idx.sort(dim=1).values,
+        "pruned_per_param": per_param(prune_idx),
+        "regrown_per_param": per_param(regrow_idx),
+    }
+    return new_masks, stats
+
+
+def select_prune_regrow(
+    masks: Mapping[str, torch.Tensor],
+    prune_scores: Mapping[str, torch.Tensor],
+    regrow_scores: Mapping[str, torch.Tensor],
+    k: int,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rule ``"harmony"``: per task, prune the k active weights with the lowest prune score and regrow the k
+    inactive weights with the highest regrow score.
+
+    Selection is global over all parameters in ``masks`` (flattened in dict order) and by exact index: inactive
+    entries are excluded from pruning (+inf) and active ones from regrowing (-inf) before one ``topk`` over the
+    ``(T, N)`` scores. Regrow candidates are the weights inactive *before* the update, so a just-pruned weight is
+    never regrown in the same step, and every task's active count stays exactly the same. Entries whose own score
+    is ±inf cannot be confused with excluded ones: such (rare) tasks fall back to an exact per-task selection.
+
+    Args:
+        masks: name -> bool ``(T, *shape)``.
+        prune_scores: name -> ``(T, *shape)`` float, e.g. :func:`harmony_scores`; NaN is an error.
+        regrow_scores: name -> ``(T, *shape)`` float, e.g. :func:`agreement_scores`; NaN is an error.
+        k: weights pruned and regrown per task (≥ 0). ``ValueError`` if it exceeds a task's active or inactive count.
+
+    Returns:
+        ``(new_masks, stats)``: new bool masks (new tensors; inputs untouched) and a dict with ``(T,)`` int64 tensors
+        ``pruned``, ``regrown``, ``active``; ``(T, k)`` flat indices ``prune_indices``, ``regrow_indices`` (into the
+        concatenation of the flattened parameters, ascending); ``pruned_per_param`` / ``regrown_per_param``:
+        name -> ``(T,)`` counts.
+    """
+    names = list(masks)
+    num_tasks = _num_tasks(masks, "masks")
+    _check_same_layout(masks, prune_scores, "prune_scores")
+    _check_same_layout(masks, regrow_scores, "regrow_scores")
+    shapes = [tuple(masks[n].shape[1:]) for n in names]
+    flat_masks = _flat(masks, names, num_tasks).to(torch.bool)
+    active = _row_counts(flat_masks)
+    _check_k(k, active, flat_masks.shape[1])
+    if k == 0:
+        empty = torch.empty(num_tasks, 0, dtype=torch.int64, device=flat_masks.device)
+        return _apply_selection(flat_masks, active, empty, empty, names, shapes)
+
+    prune = _flat(prune_scores, names, num_tasks)
+    regrow = _flat(regrow_scores, names, num_tasks)
+    for what, scores in (("prune_scores", prune), ("regrow_scores", regrow)):
+        if not scores.is_floating_point():
+            raise ValueError(f"{what} must be floating point, got {scores.dtype}")
+        if torch.isnan(scores).any():
+            raise ValueError(f"{what} contain NaN")
+    prune.masked_fill_(~flat_masks, math.inf)
+    regrow.masked_fill_(flat_masks, -math.inf)
+    prune_idx = torch.topk(prune, k, dim=1, largest=False).indices
+    regrow_idx = torch.topk(regrow, k, dim=1, largest=True).indices
+
+    bad = ~flat_masks.gather(1, prune_idx).all(dim=1) | flat_masks.gather(1, regrow_idx).any(dim=1)
+    for task in bad.nonzero().flatten().tolist():  # scores of ±inf on candidates: select among candidates exactly
+        on = flat_masks[task].nonzero().flatten()
+        off = (~flat_masks[task]).nonzero().flatten()
+        prune_idx[task] = on[torch.topk(prune[task, on], k, largest=False).indices]
+        regrow_idx[task] = off[torch.topk(regrow[task, off], k, largest=True).indices]
+    return _apply_selection(flat_masks, active, prune_idx, regrow_idx, names, shapes)
+
+
+def _gather_row(tensors: Mapping[str, torch.Tensor], names: list[str], task: int, out: torch.Tensor) -> torch.Tensor:
+    """Copy row ``task`` of every ``(T, *shape)`` tensor, flattened in ``names`` order, into ``out`` (N,)."""
+    offset = 0
+    for name in names:
+        row = tensors[name][task].reshape(-1)
+        out[offset : offset + row.numel()].copy_(row)
+        offset += row.numel()
+    if offset != out.numel():
+        raise ValueError(f"gradients hold {offset} entries per task, masks {out.numel()}")
+    return out
+
+
+def _official_mean_gradient(flat_grads: Iterable[torch.Tensor]) -> torch.Tensor:
+    """ḡ as ``get_harmo_gradient`` computes it on CUDA: a sequential float32 sum in task order into the first
+    buffer, then ``/= T``, which CUDA evaluates for a Python-scalar divisor as ``x * float32(1/T)``."""
+    total: torch.Tensor | None = None
+    count = 0
+    for g in flat_grads:
+        total = g.to(torch.float32).clone() if total is None else total.add_(g.to(torch.float32))
+        count += 1
+    if total is None:
+        raise ValueError("no task gradients")
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(count), dtype=torch.float32)
+    return total.mul_(inv.to(total.device))
+
+
+def reference_prune_regrow(
+    masks_all: Mapping[str, torch.Tensor],
+    task_grads_all: Mapping[str, torch.Tensor],
+    params_all: Mapping[str, torch.Tensor] | None,
+    k: int,
+    gamma: float,
+    kind: Literal["fisher", "magnitude"],
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rule ``"reference"``: the official mask update, its float32 numerics and flaws reproduced on purpose.
+
+    Mirrors ``main.py`` + ``prompt_dt/fl_utils.py`` of charleshsc/HarmoDT (``get_harmo_gradient``,
+    ``mask_dead_harmo`` = regrow, ``mask_generate_harmo`` = prune). Per task i, over one float32 vector holding
+    *all* parameters (dict order = the model's ``named_parameters`` order, embeddings and heads included although
+    the forward pass never masks them):
+
+    * ḡ: task gradients summed in task order into task 0's buffer, then divided by T the way the CUDA kernel
+      divides by a Python scalar (multiplication by the float32 reciprocal ``1/T``).
+    * regrow score ``ḡ⊙g_i + (1 − M_i·1e5)``: the k largest are regrown.
+    * prune score ``(1 − M_i)·1e5 + (ḡ⊙g_i)·γ + imp``, ``imp = g_i²`` (fisher) or ``|θ|`` (magnitude): the k
+      smallest are pruned. Both use ``torch.topk`` on the whole vector; ``M_new = M − pruned + regrown``.
+
+    Known flaws kept (REFERENCE.md "Known flaws"):
+
+    1. Regrow is tie-breaking: at inactive body weights the masked g_i is 0, so the score is exactly
+       ``0 + 1 = 1.0`` in float32 (as is any ``ḡ⊙g_i`` below ~6e-8); which tied entries ``topk`` returns depends on
+       the implementation (CPU and CUDA may differ), so only scores and untied choices are reproduced exactly.
+       ``stats["regrow_ties"]`` counts the inactive entries tied with the k-th regrow score.
+    2. Prune and regrow also land on embedding/head parameters, which the forward pass does not mask.
+    3. The in-place mean: task 0's gradient buffer *becomes* ḡ, so task 0 is scored with ``g_0 := ḡ``.
+
+    Args:
+        masks_all: name -> bool ``(T, *shape)`` for every parameter of the model.
+        task_grads_all: name -> ``(T, *shape)`` per-task gradients **as the official code computes them**: batch
+            gradient, clipped to norm 0.25, then multiplied by the task's mask except for parameters whose name
+            contains ``embed`` or ``predict`` (zeros for parameters without a gradient). Cast to float32.
+        params_all: name -> current (unmasked) parameter; needed for ``kind="magnitude"``.
+        k: weights pruned and regrown per task (``ValueError`` if it exceeds a task's active or inactive count).
+        gamma: weight of the agreement term in the prune score (official default 10).
+        kind: ``"fisher"`` or ``"magnitude"``.
+
+    Returns:
+        ``(new_masks, stats)`` as :func:`select_prune_regrow`, plus ``stats["regrow_ties"]`` (``(T,)`` int64).
+        ``RuntimeError`` if the official scores would select an inactive weight to prune or an active one to regrow
+        (the official code would then produce masks outside {0, 1}).
+    """
+    if kind not in ("fisher", "magnitude"):
+        raise ValueError(f'importance kind must be "fisher" or "magnitude", got {kind!r}')
+    names = list(masks_all)
+    num_tasks = _num_tasks(masks_all, "masks_all")
+    _check_same_layout(masks_all, task_grads_all, "task_grads_all")
+    shapes = [tuple(masks_all[n].shape[1:]) for n in names]
+    flat_masks = _flat(masks_all, names, num_tasks).to(torch.bool)
+    active = _row_counts(flat_masks)
+    _check_k(k, active, flat_masks.shape[1])
+    device = flat_masks.device
+    if k == 0:
+        empty = torch.empty(num_tasks, 0, dtype=torch.int64, device=device)
+        new_masks, stats = _apply_selection(flat_masks, active, empty, empty, names, shapes)
+        stats["regrow_ties"] = torch.zeros(num_tasks, dtype=torch.int64, device=device)
+        return new_masks, stats
+
+    total = flat_masks.shape[1]
+    # Preallocated float32 work buffers, reused for every task (fresh large allocations page-fault on every task).
+    g_buf, m_buf, agree, regrow_score, prune_score, tmp = (
+        torch.empty(total, dtype=torch.float32, device=device) for _ in range(6)
+    )
+
+    def task_grad(task: int) -> torch.Tensor:
+        return _gather_row(task_grads_all, names, task, g_buf)
+
+    gbar = _official_mean_gradient(task_grad(task) for task in range(num_tasks))
+
+    theta_abs = None
+    if kind == "magnitude":
+        if params_all is None:
+            raise ValueError('importance kind "magnitude" needs params_all')
+        missing = [n for n in names if n not in params_all]
+        if missing:
+            raise ValueError(f"params_all lacks {missing[:5]}")
+        theta_abs = torch.cat([params_all[n].detach().reshape(-1) for n in names]).to(torch.float32).abs()
+
+    prune_idx = torch.empty(num_tasks, k, dtype=torch.int64, device=device)
+    regrow_idx = torch.empty(num_tasks, k, dtype=torch.int64, device=device)
+    ties = torch.zeros(num_tasks, dtype=torch.int64, device=device)
+    for task in range(num_tasks):
+        g = gbar if task == 0 else task_grad(task)  # flaw 3: task 0's buffer holds the mean
+        m_buf.copy_(flat_masks[task])
+        torch.mul(gbar, g, out=agree)
+        # regrow: ḡ⊙g_i + (1 − M·1e5)   (float addition is commutative, so the order of the sum is immaterial)
+        torch.mul(m_buf, 100000, out=regrow_score)
+        regrow_score.neg_().add_(1)  # 1 − x ≡ 1 + (−x) exactly in IEEE arithmetic
+        regrow_score.add_(agree)
+        # prune: ((1 − M)·1e5 + (ḡ⊙g_i)·γ) + importance, each step rounded to float32 as in the official code
+        torch.neg(m_buf, out=prune_score).add_(1)
+        prune_score.mul_(100000)
+        prune_score.add_(torch.mul(agree, gamma, out=tmp))
+        prune_score.add_(torch.mul(g, g, out=tmp) if theta_abs is None else theta_abs)
+        top = torch.topk(regrow_score, k, largest=True)
+        regrow_idx[task] = top.indices
+        # entries tied with the k-th regrow score (only inactive ones can reach it when the selection is valid)
+        ties[task] = torch.count_nonzero(regrow_score == top.values[-1])
+        prune_idx[task] = torch.topk(prune_score, k, largest=False).indices
+
+    if ~flat_masks.gather(1, prune_idx).all() or flat_masks.gather(1, regrow_idx).any():
+        raise RuntimeError(
+            "official scores selected an inactive weight to prune or an active weight to regrow "
+            "(scores beyond the 1e5 offset); the official update would leave masks outside {0, 1}"
+        )
+    new_masks, stats = _apply_selection(flat_masks, active, prune_idx, regrow_idx, names, shapes)
+    stats["regrow_ties"] = ties
+    return new_masks, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prune_count(
+    t: int,
+    total: int,
+    eta_min: float = 0,
+    eta_max: float = 100,
+    schedule: Literal["sine", "cosine"] = "sine",
+) -> int:
+    """Number k of weights pruned (and regrown) per task at outer update t of ``total``.
+
+    * ``"sine"`` (official, ``main.py``'s ``cosine_annealing``): a bell 0 → η_max at t = T/2 → 0, computed as the
+      official expression ``int(η_max + 0.5·(η_min − η_max)·(1 + cos(2π·t/T)))``. In exact arithmetic this is
+      ``η_min + (η_max − η_min)·sin²(π·t/T)``, but ``int()`` truncates and the two float forms differ, e.g. at
+      t/T = 1/4 the official form gives 50 while ``100·sin²(π/4)`` = 49.999… gives 49; we keep the official one.
+      (The official code passes ``t = iteration index`` (0-based) with ``total = max_iters``.)
+    * ``"cosine"``: monotone decay ``int(η_min + 0.5·(η_max − η_min)·(1 + cos(π·t/T)))`` (``fl_utils.py``'s
+      unused ``cosine_annealing``), η_max at t = 0 → η_min at t = T.
+    """
+    if total <= 0:
+        raise ValueError(f"total must be > 0, got {total}")
+    if not 0 <= t <= total:
+        raise ValueError(f"t must be in [0, total={total}], got {t}")
+    if not 0 <= eta_min <= eta_max:
+        raise ValueError(f"need 0 <= eta_min <= eta_max, got eta_min={eta_min}, eta_max={eta_max}")
+    alpha = t / total
+    if schedule == "sine":
+        return int(eta_max + 0.5 * (eta_min - eta_max) * (1 + math.cos(2 * math.pi * alpha)))
+    if schedule == "cosine":
+        return int(eta_min + 0.5 * (eta_max - eta_min) * (1 + math.cos(math.pi * alpha)))
+    raise ValueError(f'schedule must be "sine" or "cosine", got {schedule!r}')
