@@ -1,0 +1,211 @@
+"""Describe a dataset folder: ``stats.json``, the README (YAML ``configs:`` + card) and a return histogram.
+
+Everything here is recomputed from the parquet shards present, so running it again after more tasks arrive (another
+machine's shards copied in, a resumed run) gives the description of the whole folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from .data import QUALITIES, STATS_FILENAME
+from .dataset_folder import HALVES, complete_tasks, read_manifest, shard_path, shard_relpath, write_bytes_atomic
+from .tasks import MT50, OBSERVATION_DIM, TASK_SETS
+
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "dataset_card.md.j2"
+HISTOGRAM_PATH = "images/returns_histogram.png"
+QUALITY_HALVES = {"near-optimal": HALVES, "sub-optimal": HALVES[:1]}
+
+
+def _read_half(path: Path) -> dict:
+    """Per-shard sufficient statistics: step count, state mean and M2 (float64), per-episode returns/success/noise."""
+    table = pq.read_table(path, columns=["observations", "rewards", "success", "noise_level"])
+    obs = table.column("observations").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
+    obs = obs.reshape(-1, OBSERVATION_DIM)
+    mean = obs.mean(axis=0, dtype=np.float64)
+    m2 = np.square(obs - mean, dtype=np.float64).sum(axis=0)
+    rewards, success = (table.column(c).combine_chunks() for c in ("rewards", "success"))
+    starts = rewards.offsets.to_numpy()[:-1]  # absolute offsets into .values; every episode has >= 1 step
+    if not np.array_equal(starts, success.offsets.to_numpy()[:-1]):
+        raise ValueError(f"{path}: rewards and success have different lengths in some episode.")
+    return {
+        "steps": len(obs),
+        "mean": mean,
+        "m2": m2,
+        "returns": np.add.reduceat(rewards.values.to_numpy().astype(np.float64), starts),
+        "success": np.logical_or.reduceat(success.values.to_numpy(zero_copy_only=False), starts),
+        "noise": table.column("noise_level").to_numpy(zero_copy_only=False).astype(np.float64),
+    }
+
+
+def _combine(parts: list[dict]) -> dict:
+    """Merge shard statistics (Chan et al. parallel mean/variance)."""
+    steps, mean, m2 = 0, np.zeros(OBSERVATION_DIM), np.zeros(OBSERVATION_DIM)
+    for p in parts:
+        n = steps + p["steps"]
+        delta = p["mean"] - mean
+        mean = mean + delta * (p["steps"] / n)
+        m2 = m2 + p["m2"] + delta**2 * (steps * p["steps"] / n)
+        steps = n
+    out = {key: np.concatenate([p[key] for p in parts]) for key in ("returns", "success", "noise")}
+    return dict(out, steps=steps, mean=mean, std=np.sqrt(m2 / steps))
+
+
+def _summary(agg: dict, success_known: bool) -> dict:
+    returns = agg["returns"]
+    return {
+        "num_episodes": len(returns),
+        "num_steps": int(agg["steps"]),
+        "state_mean": agg["mean"].astype(np.float32).tolist(),
+        "state_std": agg["std"].astype(np.float32).tolist(),  # raw std: add 1e-6 at use
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "return_min": float(returns.min()),
+        "return_max": float(returns.max()),
+        "success_rate": float(agg["success"].mean()) if success_known else None,
+    }
+
+
+def compute_stats(root: str | Path, tasks: list[str] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """``stats.json`` content for the complete tasks of ``root``, and all episode returns per quality (for plots)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    tasks = complete_tasks(root) if tasks is None else tasks
+    success_known = manifest.get("success_in_source", True)
+    stats: dict = {"format_version": 1, "generation": manifest, "tasks": {}}
+    returns: dict[str, list] = {q: [] for q in QUALITIES}
+    for task in tasks:
+        halves = {h: _read_half(shard_path(root, task, h)) for h in HALVES}
+        entry: dict = {"task_id": MT50.index(task)}
+        for quality, names in QUALITY_HALVES.items():
+            agg = _combine([halves[h] for h in names])
+            entry[quality] = _summary(agg, success_known)
+            returns[quality].append(agg["returns"])
+        both = _combine([halves[h] for h in HALVES])
+        expert = both["noise"] == 0.0
+        entry["expert"] = {
+            "num_episodes": int(expert.sum()),
+            "success_rate": float(both["success"][expert].mean()) if expert.any() and success_known else None,
+            "return_mean": float(both["returns"][expert].mean()) if expert.any() else None,
+        }
+        stats["tasks"][task] = entry
+    return stats, {q: np.concatenate(r) if r else np.zeros(0) for q, r in returns.items()}
+
+
+def _config_groups(tasks: list[str]) -> list[tuple[str, list[str]]]:
+    """(prefix, member tasks): every task set fully present, ``all``, then each task."""
+    present = set(tasks)
+    groups = [(key, list(members)) for key, members in TASK_SETS.items() if present.issuperset(members)]
+    return groups + [("all", list(tasks))] + [(t, [t]) for t in tasks]
+
+
+def dataset_configs(tasks: list[str]) -> list[dict]:
+    """README ``configs:``: each full task set, ``all-*``, and one pair per task (sub-optimal = first halves)."""
+    configs = []
+    for name, members in _config_groups(tasks):
+        for quality in QUALITIES:
+            files = [shard_relpath(t, h) for t in members for h in QUALITY_HALVES[quality]]
+            entry = {"config_name": f"{name}-{quality}"}
+            if name == "all" and quality == "near-optimal":
+                entry["default"] = True
+            configs.append(dict(entry, data_files=[{"split": "train", "path": files}]))
+    return configs
+
+
+def plot_return_histogram(returns: dict[str, np.ndarray]) -> bytes:
+    """PNG bytes: histogram of episode returns, one series per quality (near-optimal includes sub-optimal)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    everything = np.concatenate([r for r in returns.values() if len(r)])
+    bins = np.linspace(everything.min(), everything.max() + 1e-6, 41)
+    for quality, color in zip(QUALITIES, ("tab:blue", "tab:orange"), strict=False):
+        ax.hist(returns[quality], bins=bins, alpha=0.6, color=color, label=f"{quality} ({len(returns[quality])} ep.)")
+    ax.set_xlabel("episode return (sum of rewards over the episode)")
+    ax.set_ylabel("number of episodes")
+    ax.set_title("Episode returns by dataset quality (all tasks)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {"python": platform.python_version(), "harmodt-hf": __version__}
+    for name in ("metaworld", "mujoco", "gymnasium", "numpy", "datasets", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def render_card(stats: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
+    """The README body (Markdown) from the Jinja template."""
+    import jinja2
+
+    template_path = Path(template_path)
+    if not template_path.is_file():
+        raise FileNotFoundError(f"Dataset card template {template_path} is missing (it ships in model_cards/).")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(template_path.parent),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    tasks = stats["tasks"]
+    rows = []
+    for name, members in _config_groups(list(tasks)):
+        label = name.upper() if name in TASK_SETS else ("all tasks here" if name == "all" else name)
+        for quality in QUALITIES:
+            episodes = sum(tasks[t][quality]["num_episodes"] for t in members)
+            rows.append({"name": f"{name}-{quality}", "tasks": label, "episodes": episodes})
+    return env.get_template(template_path.name).render(
+        stats=stats,
+        generation=stats["generation"],
+        tasks=tasks,
+        config_rows=rows,
+        task_sets=[k.upper() for k, _ in _config_groups(list(tasks)) if k in TASK_SETS],
+        tasks_arg=next((k for k, m in TASK_SETS.items() if sorted(m) == sorted(tasks)), ",".join(tasks)),
+        versions=_versions(),
+        histogram_path=HISTOGRAM_PATH,
+    )
+
+
+def finalize_dataset(root: str | Path, license: str | None = None) -> dict | None:
+    """Write ``stats.json``, ``images/returns_histogram.png`` and ``README.md`` for the complete tasks of ``root``.
+
+    Returns the stats, or ``None`` (writing nothing) when no task is complete yet.
+    """
+    root = Path(root)
+    tasks = complete_tasks(root)
+    if not tasks:
+        return None
+    stats, returns = compute_stats(root, tasks)
+    configs = dataset_configs(tasks)
+    write_bytes_atomic(json.dumps(stats, indent=1).encode(), root / STATS_FILENAME)
+    write_bytes_atomic(plot_return_histogram(returns), root / HISTOGRAM_PATH)
+    source = stats["generation"].get("source", "")
+    meta = {
+        "license": license or ("mit" if source == "metaworld-scripted-experts" else "other"),
+        "pretty_name": "Meta-World offline episodes (harmodt-hf)",
+        "task_categories": ["reinforcement-learning"],
+        "tags": ["metaworld", "offline-rl", "multi-task", "decision-transformer", "harmodt"],
+        "configs": configs,
+    }
+    header = yaml.safe_dump(meta, sort_keys=False, default_flow_style=False)
+    write_bytes_atomic(f"---\n{header}---\n{render_card(stats)}".encode(), root / "README.md")
+    return stats

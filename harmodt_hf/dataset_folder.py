@@ -1,0 +1,205 @@
+"""The on-disk layout of an episode dataset folder and safe writes into it.
+
+Layout (a Hub-ready dataset repo)::
+
+    data/<task>/first-half.parquet    episodes [0, N//2)  -> the sub-optimal configs
+    data/<task>/second-half.parquet   episodes [N//2, N)  -> near-optimal = both halves
+    generation_config.json            the settings every shard was made with (checked on resume)
+    stats.json, README.md, images/    written last by ``dataset_card.finalize_dataset``
+
+Each shard is written to a hidden temporary name and renamed when complete, so a killed run leaves no partial
+``*.parquet``; a re-run skips complete shards. Existing output is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .data import EPISODE_FEATURES
+from .tasks import MT50
+
+HALVES: tuple[str, ...] = ("first-half", "second-half")
+MANIFEST_FILENAME = "generation_config.json"
+OWNED_NAMES: tuple[str, ...] = ("data", "images", "README.md", "stats.json", MANIFEST_FILENAME)
+ROW_GROUP_SIZE = 100  # episodes per parquet row group (~9 MB), friendly to streaming
+_TMP_SUFFIX = ".tmp"
+
+
+def shard_path(root: str | os.PathLike, task: str, half: str) -> Path:
+    """``root/data/<task>/<half>.parquet``."""
+    if half not in HALVES:
+        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
+    return Path(root) / "data" / task / f"{half}.parquet"
+
+
+def shard_relpath(task: str, half: str) -> str:
+    """The shard's path relative to the dataset root, with forward slashes (as README ``data_files`` need)."""
+    return f"data/{task}/{half}.parquet"
+
+
+def split_halves(num_episodes: int) -> dict[str, range]:
+    """Episode indices of each half: the first ``N // 2`` episodes (sub-optimal) and the rest."""
+    half = num_episodes // 2
+    return {"first-half": range(0, half), "second-half": range(half, num_episodes)}
+
+
+def _list_array(values: np.ndarray, lengths: list[int], inner: int | None = None) -> pa.Array:
+    """A list array (of fixed-size lists when ``inner`` is given) from rows concatenated into ``values``."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = pa.array(values.reshape(-1))
+    items = pa.FixedSizeListArray.from_arrays(flat, inner) if inner is not None else flat
+    return pa.ListArray.from_arrays(pa.array(offsets), items)
+
+
+def episodes_to_table(episodes: list[dict]) -> pa.Table:
+    """Episodes (dicts of numpy arrays and scalars, see ``data.EPISODE_FEATURES``) → an Arrow table with that schema."""
+    if not episodes:
+        raise ValueError("No episodes to write.")
+    lengths = [len(ep["rewards"]) for ep in episodes]
+
+    def cat(key: str, dtype) -> np.ndarray:
+        return np.concatenate([np.asarray(ep[key], dtype=dtype) for ep in episodes])
+
+    columns = {
+        "observations": _list_array(cat("observations", np.float32), lengths, episodes[0]["observations"].shape[1]),
+        "actions": _list_array(cat("actions", np.float32), lengths, episodes[0]["actions"].shape[1]),
+        "rewards": _list_array(cat("rewards", np.float32), lengths),
+        "terminations": _list_array(cat("terminations", np.bool_), lengths),
+        "truncations": _list_array(cat("truncations", np.bool_), lengths),
+        "success": _list_array(cat("success", np.bool_), lengths),
+        "task_name": pa.array([ep["task_name"] for ep in episodes], pa.string()),
+        "task_id": pa.array([ep["task_id"] for ep in episodes], pa.int64()),
+        "episode_index": pa.array([ep["episode_index"] for ep in episodes], pa.int64()),
+        "noise_level": pa.array([ep["noise_level"] for ep in episodes], pa.float32()),
+        "goal_index": pa.array([ep["goal_index"] for ep in episodes], pa.int64()),
+    }
+    return pa.Table.from_pydict(columns).cast(EPISODE_FEATURES.arrow_schema)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write ``table`` as parquet to a hidden temporary file, fsync it, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(root: str | os.PathLike, tasks: list[str]) -> int:
+    """Delete temporary shard files left by killed runs for ``tasks``; return how many were removed."""
+    removed = 0
+    for task in tasks:
+        folder = Path(root) / "data" / task
+        if folder.is_dir():
+            for tmp in folder.glob(f".*{_TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def shard_is_complete(path: Path, expected_rows: int) -> bool:
+    """True if the shard exists; raise if it exists with the wrong number of episodes."""
+    if not path.is_file():
+        return False
+    rows = pq.read_metadata(path).num_rows
+    if rows != expected_rows:
+        raise ValueError(
+            f"{path} holds {rows} episodes, expected {expected_rows}. It was not written by this configuration; "
+            "pass --overwrite to regenerate the dataset."
+        )
+    return True
+
+
+def complete_tasks(root: str | os.PathLike) -> list[str]:
+    """Tasks (canonical MT50 order) whose both halves are present under ``root/data``."""
+    return [t for t in MT50 if all(shard_path(root, t, h).is_file() for h in HALVES)]
+
+
+def _foreign_entries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name not in OWNED_NAMES and not p.name.startswith("."))
+
+
+def prepare_output(root: str | os.PathLike, manifest: dict, overwrite: bool = False) -> None:
+    """Make ``root`` ready to receive shards made with ``manifest``.
+
+    A new or empty folder gets the manifest. A folder made earlier with the same manifest is resumed (complete shards
+    are kept). A folder made with other settings is an error. ``overwrite`` first deletes the generated files (never
+    anything else). A folder holding files this tool did not write is always an error. Hidden entries (``.git``)
+    are ignored.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"Output path {root} is a file; pass a folder for the dataset.")
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / MANIFEST_FILENAME
+    manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back from disk
+    foreign = _foreign_entries(root)
+    if foreign:
+        raise FileExistsError(
+            f"Output folder {root} holds files that are not part of a generated dataset ({', '.join(foreign[:5])}). "
+            "Choose a new or empty folder."
+        )
+    has_content = any((root / name).exists() for name in OWNED_NAMES)
+    if has_content and not manifest_path.is_file():
+        raise FileExistsError(
+            f"Output folder {root} holds dataset files but no {MANIFEST_FILENAME}, so its settings are unknown. "
+            "Choose a new or empty folder."
+        )
+    if manifest_path.is_file():
+        existing = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if existing == manifest and not overwrite:
+            return
+        if not overwrite:
+            changed = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
+            raise FileExistsError(
+                f"Output folder {root} holds a dataset made with other settings (differs in: {', '.join(changed)}). "
+                "Pass --overwrite to replace it, or choose another folder."
+            )
+        for name in OWNED_NAMES:
+            target = root / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    write_bytes_atomic(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_path)
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """The settings the folder's shards were made with."""
+    path = Path(root) / MANIFEST_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {root} is not a dataset folder written by harmodt_hf.")
+    return json.loads(path.read_text(encoding="utf-8"))
