@@ -58,6 +58,9 @@ class DataArguments:
     eval_tasks: list[str] | None = field(default=None, metadata={"help": "Evaluate on these tasks during training."})
     eval_episodes: int = field(default=0, metadata={"help": "Episodes per task for evaluation during training."})
     eval_every: int = field(default=0, metadata={"help": "Evaluate every this many steps (0: never)."})
+    eval_num_workers: int | None = field(
+        default=None, metadata={"help": "Env worker processes for evaluation (0: in-process; default one per core)."}
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, HarmoDTTrainingArguments)
@@ -210,13 +213,14 @@ def main(argv: list[str] | None = None) -> Path:
     buffer = load_episodes(data_args)
     callbacks = []
     if data_args.eval_every and data_args.eval_episodes:
-        from .evaluation import SuccessRateCallback
+        from .eval_callback import SuccessRateCallback
 
         callbacks.append(
             SuccessRateCallback(
                 eval_tasks=data_args.eval_tasks or buffer.task_names,
                 eval_episodes=data_args.eval_episodes,
                 eval_steps=data_args.eval_every,
+                num_workers=data_args.eval_num_workers,
             )
         )
     trainer = build_trainer(model_args, data_args, training_args, buffer, callbacks)
