@@ -24,12 +24,10 @@ class _GroupedMaskedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes, task_grad_sink=None):  # noqa: D102
         outputs = [
-            F.linear(x_group, weight * masks[task])
+            F.linear(x_group, weight * masks[task], bias)
             for x_group, task in zip(x.split(group_sizes), group_tasks, strict=True)
         ]
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        if bias is not None:
-            out = out + bias
         ctx.save_for_backward(x, weight, masks)
         ctx.group_tasks = group_tasks
         ctx.group_sizes = group_sizes
@@ -44,21 +42,24 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         grad_groups = grad_out.split(ctx.group_sizes)
         x_groups = x.split(ctx.group_sizes)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.cat([g @ (weight * masks[t]) for g, t in zip(grad_groups, ctx.group_tasks, strict=True)])
+            # Under autocast the forward ran in a lower precision: compute in grad_out's dtype, return input dtypes.
+            grad_x = torch.cat(
+                [g @ (weight * masks[t]).to(g.dtype) for g, t in zip(grad_groups, ctx.group_tasks, strict=True)]
+            ).to(x.dtype)
         sink = ctx.task_grad_sink
         if ctx.needs_input_grad[1] or sink is not None:
             grad_weight = torch.zeros_like(weight)
             for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
                 g2 = g.reshape(-1, g.shape[-1])
                 x2 = x_group.reshape(-1, x_group.shape[-1])
-                effective_grad = g2.T @ x2
+                effective_grad = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
                 if sink is not None:
                     sink[t] += effective_grad.to(sink.dtype)
                 grad_weight += effective_grad * masks[t]
             if not ctx.needs_input_grad[1]:
                 grad_weight = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 

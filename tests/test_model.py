@@ -188,6 +188,18 @@ def test_gradient_is_zero_where_task_mask_is_off():
     assert checked > 0
 
 
+def test_bfloat16_autocast_forward_and_backward():
+    model = HarmoDTModel(tiny_config()).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**random_inputs(model.config, [2, 0, 2]), return_loss=True)
+    out.loss.backward()
+    assert out.action_preds.dtype == torch.bfloat16
+    for name, masks in model.get_task_masks().items():
+        grad = model.get_parameter(name).grad
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+        assert torch.count_nonzero(grad[~(masks[0] | masks[2])]) == 0, name
+
+
 def test_loss_is_masked_mse(model):
     inputs = random_inputs(model.config, [0, 1])
     out = model(**inputs, return_loss=True)
