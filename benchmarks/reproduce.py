@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -144,18 +145,29 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--dataset", type=Path, default=None, help="existing dataset folder (default: generate)")
     parser.add_argument("--workers", type=int, default=2, help="processes for data generation")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per training run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time")
     args = parser.parse_args()
     study = load_study(args.config)
     args.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     dataset = args.dataset or ensure_dataset(study, args.output / "data", args.workers)
-    runs: dict[str, dict[int, dict]] = {}
-    for seed in study["seeds"]:
-        for variant in study["variants"]:
-            out = args.output / f"{variant}_seed{seed}"
-            print(f"[{time.perf_counter() - start:7.0f}s] {variant} seed {seed} → {out}", flush=True)
-            runs.setdefault(variant, {})[seed] = run_one(study, dataset, variant, seed, out, args.threads)
+    jobs = [(variant, seed) for seed in study["seeds"] for variant in study["variants"]]
+
+    def job(item: tuple[str, int]) -> dict:
+        variant, seed = item
+        out = args.output / f"{variant}_seed{seed}"
+        print(f"[{time.perf_counter() - start:7.0f}s] {variant} seed {seed} → {out}", flush=True)
+        history = run_one(study, dataset, variant, seed, out, args.threads)
+        last = history["last"]["mean_success_rate"]
+        print(f"[{time.perf_counter() - start:7.0f}s] {variant} seed {seed}: last mean success {last:.2f}", flush=True)
+        return history
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        histories = list(pool.map(job, jobs))
+    runs: dict[str, dict[int, dict]] = {variant: {} for variant in study["variants"]}
+    for (variant, seed), history in zip(jobs, histories, strict=True):
+        runs[variant][seed] = history
     table = summarise(runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     payload = {"study": study, "results": table, "commit": commit.stdout.strip(),
