@@ -26,6 +26,23 @@ def _eval_rows(card: ModelCard) -> list[tuple]:
     return [(r.dataset_config, r.metric_type, r.metric_value) for r in card.data.eval_results]
 
 
+# Runs the driver as `python -m harmodt_hf.main_job` would, but first drops this checkout's editable-install finder:
+# it sits on sys.meta_path after PYTHONPATH and would quietly serve any module missing from the clone out of this
+# working tree (uncommitted files included). At exit it prints where every harmodt_hf module came from.
+DRIVER = """
+import importlib.util, json, runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)]
+sys.argv = ["harmodt_hf.main_job", *sys.argv[1:]]
+files = {importlib.util.find_spec("harmodt_hf.main_job").origin}
+try:
+    runpy.run_module("harmodt_hf.main_job", run_name="__main__", alter_sys=True)
+finally:
+    mods = [m for n, m in list(sys.modules.items()) if n.startswith("harmodt_hf")]
+    files |= {m.__file__ for m in mods if getattr(m, "__file__", None)}
+    print("HARMODT_MODULES=" + json.dumps(sorted(files)))
+"""
+
+
 @pytest.fixture(scope="module")
 def smoke_job(tmp_path_factory) -> dict:
     """`python -m harmodt_hf.main_job --smoke` run in a fresh clone of the committed HEAD, with this venv's python."""
@@ -42,17 +59,9 @@ def smoke_job(tmp_path_factory) -> dict:
     }
     for key in ("HF_ENDPOINT", "HF_DATASETS_CACHE", "HF_HUB_CACHE"):  # set by the loopback Hub fixture, if active
         env.pop(key, None)
-    which = subprocess.run(
-        [sys.executable, "-c", "import harmodt_hf; print(harmodt_hf.__file__)"],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
     output = base / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "harmodt_hf.main_job", "--smoke", "--output", str(output)],
+        [sys.executable, "-c", DRIVER, "--smoke", "--output", str(output)],
         cwd=clone,
         env=env,
         capture_output=True,
@@ -60,13 +69,16 @@ def smoke_job(tmp_path_factory) -> dict:
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return {"clone": clone, "package": Path(which.stdout.strip()), "output": output, "stdout": result.stdout}
+    modules = json.loads(result.stdout.rsplit("HARMODT_MODULES=", 1)[1])
+    return {"clone": clone, "modules": [Path(m) for m in modules], "output": output, "stdout": result.stdout}
 
 
 @pytest.mark.slow
 def test_smoke_job_from_a_fresh_clone_writes_a_loadable_model_folder(smoke_job):
     clone, output = smoke_job["clone"], smoke_job["output"]
-    assert smoke_job["package"].is_relative_to(clone)  # the clone's code ran, not this checkout's
+    modules = smoke_job["modules"]
+    assert any(m.name == "main_job.py" for m in modules) and any(m.name == "evaluation.py" for m in modules)
+    assert all(m.is_relative_to(clone) for m in modules), modules  # the clone's committed code ran, nothing else
     folder = output / "model"
     assert f"Model folder (weights, README.md card, images/, results.json): {folder}" in smoke_job["stdout"]
     assert "Mean success rate on MT5" in smoke_job["stdout"]
