@@ -717,6 +717,8 @@ def evaluate(
 
     was_training, threads = model.training, torch.get_num_threads()
     model.eval()
+    if hasattr(model, "cache_masked_weights"):
+        model.cache_masked_weights(True)  # W ⊙ M[t] built once per task for the whole evaluation
     envs = None
     try:
         if torch_threads is not None:
@@ -732,6 +734,8 @@ def evaluate(
     finally:
         if envs is not None:
             envs.close()
+        if hasattr(model, "cache_masked_weights"):
+            model.cache_masked_weights(False)
         model.train(was_training)
         torch.set_num_threads(threads)
     wall_time = time.perf_counter() - start

@@ -104,6 +104,10 @@ class MaskedLinear(nn.Module):
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         # Set by the trainer's mask update: (num_tasks, out, in) tensor collecting per-task effective-weight grads.
         self.task_grad_sink: torch.Tensor | None = None
+        # Inference only (see HarmoDTModel.cache_masked_weights): task -> W ⊙ M[task], valid for ``_weight_key``.
+        self.cache_masked_weights = False
+        self._weight_cache: dict[int, torch.Tensor] = {}
+        self._weight_key: tuple | None = None
 
     @property
     def is_masked(self) -> bool:
@@ -128,9 +132,25 @@ class MaskedLinear(nn.Module):
             raise ValueError(f"masks must have shape {expected}, got {tuple(masks.shape)}")
         self.packed_masks.copy_(pack_masks(masks.to(device=self.packed_masks.device, dtype=torch.bool)))
 
+    def _cached_masked_weight(self, task: int) -> torch.Tensor:
+        """W ⊙ M[task], kept between calls while neither the weight nor the masks change (inference only)."""
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, id(self.task_masks()))
+        if key != self._weight_key:
+            self._weight_cache, self._weight_key = {}, key
+        if task not in self._weight_cache:
+            self._weight_cache[task] = self.weight * self.task_masks()[task]
+        return self._weight_cache[task]
+
     def forward(self, x: torch.Tensor, groups: TaskGroups | None = None) -> torch.Tensor:
         if self.packed_masks is None or groups is None:
             return F.linear(x, self.weight, self.bias)
+        if self.cache_masked_weights and not torch.is_grad_enabled():
+            outputs = [
+                F.linear(x_group, self._cached_masked_weight(t), self.bias)
+                for x_group, t in zip(x.split(groups.sizes), groups.tasks, strict=True)
+            ]
+            return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        self._weight_cache, self._weight_key = {}, None
         masks = self.task_masks()
         if self.implementation == "autograd" and self.task_grad_sink is None:
             outputs = [

@@ -163,6 +163,26 @@ def test_mixed_batch_equals_samples_alone(model):
         torch.testing.assert_close(_outputs(model, single), mixed[i : i + 1], atol=1e-5, rtol=0)
 
 
+def test_masked_weight_cache_gives_identical_actions(model):
+    inputs = random_inputs(model.config, [2, 0, 1, 2], seed=7)
+    expected = _outputs(model, inputs)
+    model.cache_masked_weights(True)
+    try:
+        torch.testing.assert_close(_outputs(model, inputs), expected, rtol=0, atol=0)
+        masks = {name: m.clone() for name, m in model.get_task_masks().items()}
+        first = next(iter(masks))
+        masks[first][2] = ~masks[first][2]
+        model.set_task_masks(masks)  # the cache must follow the new masks
+        changed = _outputs(model, inputs)
+        model.cache_masked_weights(False)
+        torch.testing.assert_close(changed, _outputs(model, inputs), rtol=0, atol=0)
+        assert not torch.equal(changed[0], expected[0])
+    finally:
+        model.cache_masked_weights(False)
+        masks[first][2] = ~masks[first][2]
+        model.set_task_masks(masks)
+
+
 def test_left_padding_does_not_change_real_steps(model):
     inputs = random_inputs(model.config, [1], seed=2)
     inputs["attention_mask"][:] = 1
