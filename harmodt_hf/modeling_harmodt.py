@@ -13,7 +13,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_harmodt import HarmoDTConfig
 from .masked_linear import MaskedLinear, TaskGroups
-from .masks import erk_masks, pack_masks
+from .masks import erk_densities, erk_masks, pack_masks
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -140,15 +140,26 @@ class HarmoDTPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
+            if module.is_masked:
+                _init_layer_masks(module, self.config.num_tasks)
         elif isinstance(module, BodyLayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, HarmoDTModel):
-            if module.config.use_prompt:
-                for key in PROMPT_KEYS:
-                    init.zeros_(getattr(module, f"stored_prompt_{key}"))
-            if module.config.has_masks:
-                module._init_masks_if_missing()
+        elif isinstance(module, HarmoDTModel) and module.config.use_prompt:
+            for key in PROMPT_KEYS:
+                init.zeros_(getattr(module, f"stored_prompt_{key}"))
+
+
+def _init_layer_masks(layer: MaskedLinear, num_tasks: int) -> None:
+    """Draw the layer's ERK masks (its density and seed were set by the model) unless they were loaded."""
+    buffer = layer.packed_masks
+    if getattr(buffer, "_is_hf_initialized", False) or buffer.device.type == "meta":
+        return
+    density, seed = layer.mask_init
+    generator = torch.Generator().manual_seed(seed)
+    shape = (layer.out_features, layer.in_features)
+    masks = erk_masks({"w": shape}, num_tasks, max(0.0, 1.0 - density), generator=generator)["w"]
+    init.copy_(buffer, pack_masks(masks).to(buffer.device))
 
 
 class HarmoDTModel(HarmoDTPreTrainedModel):
@@ -180,6 +191,7 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             self.register_buffer("stored_prompt_attention_mask", torch.zeros(t, p, dtype=torch.long))
         self.transformer = HarmoDTTransformer(config)
         self.predict_action = nn.Linear(d, config.act_dim)
+        self._assign_mask_init()
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------- masks
@@ -201,6 +213,17 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
         for name, layer in layers.items():
             layer.set_task_masks(masks[f"{name}.weight"])
 
+    def _assign_mask_init(self) -> None:
+        """Give every masked layer its ERK density (global over the body, 1 − sparsity overall) and its own seed,
+        so that each layer draws its task masks independently when it is initialised."""
+        layers = self.masked_layers()
+        if not layers:
+            return
+        shapes = {name: (m.out_features, m.in_features) for name, m in layers.items()}
+        densities = erk_densities(shapes, 1.0 - float(self.config.sparsity))
+        for index, (name, layer) in enumerate(layers.items()):
+            layer.mask_init = (densities[name], int(self.config.mask_seed) * 1_000_003 + index)
+
     def cache_masked_weights(self, enabled: bool = True) -> None:
         """Keep each task's masked weights ``W ⊙ M[t]`` between inference calls (no-grad forwards only).
 
@@ -212,19 +235,6 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             layer.cache_masked_weights = enabled
             if not enabled:
                 layer._weight_cache, layer._weight_key = {}, None
-
-    def _init_masks_if_missing(self) -> None:
-        """Draw ERK masks (independent per task, seeded by ``config.mask_seed``) for buffers not loaded."""
-        layers = self.masked_layers()
-        if not layers or all(getattr(m.packed_masks, "_is_hf_initialized", False) for m in layers.values()):
-            return
-        if any(m.packed_masks.device.type == "meta" for m in layers.values()):
-            return
-        generator = torch.Generator().manual_seed(int(self.config.mask_seed))
-        shapes = {f"{name}.weight": (m.out_features, m.in_features) for name, m in layers.items()}
-        masks = erk_masks(shapes, self.config.num_tasks, float(self.config.sparsity), generator=generator)
-        for name, layer in layers.items():
-            init.copy_(layer.packed_masks, pack_masks(masks[f"{name}.weight"]).to(layer.packed_masks.device))
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -120,6 +120,13 @@ def test_erk_densities_at_paper_size():
     assert not torch.equal(first[0], first[1]) and first[0].sum() == first[1].sum()
 
 
+@pytest.mark.parametrize("use_prompt", [True, False])
+def test_masks_are_drawn_with_and_without_prompts(use_prompt):
+    model = HarmoDTModel(tiny_config(use_prompt=use_prompt))
+    density = sum(int(m[1].sum()) for m in model.get_task_masks().values()) / model.num_masked_parameters()
+    assert abs(density - 0.8) < 0.01
+
+
 def test_mask_init_is_seeded():
     a = HarmoDTModel(tiny_config(mask_seed=3)).get_task_masks()
     b = HarmoDTModel(tiny_config(mask_seed=3)).get_task_masks()
