@@ -108,13 +108,13 @@ def markdown_table(table: dict, study: dict) -> str:
         f"Meta-World {study['tasks'].upper()} {study['quality']}, seeds {study['seeds']}, "
         f"{study['eval_episodes']} evaluation episodes per task (mean success %, mean ± std over seeds)",
         "",
-        "| variant | last | best | mean train+eval time per run (s) |",
-        "|---|---|---|---|",
+        "| variant | seeds | last | best | mean train+eval time per run (s) |",
+        "|---|---|---|---|---|",
     ]
     for variant, row in table.items():
         lines.append(
-            f"| {variant} | {row['last_mean']:.1f} ± {row['last_std']:.1f} | {row['best_mean']:.1f} ± "
-            f"{row['best_std']:.1f} | {row['train_wall_time_s']:.0f} |"
+            f"| {variant} | {len(row['last_by_seed'])} | {row['last_mean']:.1f} ± {row['last_std']:.1f} | "
+            f"{row['best_mean']:.1f} ± {row['best_std']:.1f} | {row['train_wall_time_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -147,12 +147,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes for data generation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time")
+    parser.add_argument("--summarise-only", action="store_true", help="only summarise the finished runs")
     args = parser.parse_args()
     study = load_study(args.config)
     args.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    dataset = args.dataset or ensure_dataset(study, args.output / "data", args.workers)
+    dataset = args.dataset or (args.output / "data" if args.summarise_only else None)
+    dataset = dataset or ensure_dataset(study, args.output / "data", args.workers)
     jobs = [(variant, seed) for seed in study["seeds"] for variant in study["variants"]]
+    if args.summarise_only:  # report the runs finished so far (e.g. while the study is still running)
+        jobs = [(v, s) for v, s in jobs if (args.output / f"{v}_seed{s}" / "final" / "model.safetensors").exists()]
 
     def job(item: tuple[str, int]) -> dict:
         variant, seed = item
@@ -165,16 +169,17 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         histories = list(pool.map(job, jobs))
-    runs: dict[str, dict[int, dict]] = {variant: {} for variant in study["variants"]}
+    runs: dict[str, dict[int, dict]] = {}
     for (variant, seed), history in zip(jobs, histories, strict=True):
-        runs[variant][seed] = history
+        runs.setdefault(variant, {})[seed] = history
     table = summarise(runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     payload = {"study": study, "results": table, "commit": commit.stdout.strip(),
                "wall_time_s": time.perf_counter() - start}  # fmt: skip
-    (args.output / "results.json").write_text(json.dumps(payload, indent=2))
-    (args.output / "results.md").write_text(markdown_table(table, study))
-    plot_curves(table, args.output / "success_curves.png")
+    suffix = "_partial" if args.summarise_only else ""
+    (args.output / f"results{suffix}.json").write_text(json.dumps(payload, indent=2))
+    (args.output / f"results{suffix}.md").write_text(markdown_table(table, study))
+    plot_curves(table, args.output / f"success_curves{suffix}.png")
     print(markdown_table(table, study))
     print(f"total wall time {payload['wall_time_s']:.0f} s; results in {args.output}")
 
