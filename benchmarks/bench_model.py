@@ -1,6 +1,6 @@
 """Masked-model step time vs the same model without masks (forward + backward + AdamW), one process.
 
-    python benchmarks/bench_model.py [--tasks 50] [--per-task 8] [--repeats 7] [--threads 2]
+    python benchmarks/bench_model.py [--tasks 50] [--per-task 8] [--repeats 7] [--rounds 3] [--threads 2] [--uneven]
 
 Paper-size model (6 layers, d=256, K=20, prompt 5), a batch of tasks × per-task segments with shuffled task ids
 (and, with --uneven, uneven group sizes). Prints the median step time of each masked implementation and its ratio to
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--uneven", action="store_true", help="uneven group sizes (1..2×per-task)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all implementations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [f"task-{i}" for i in range(args.tasks)]
@@ -81,7 +82,7 @@ def main() -> None:
     masked.load_state_dict(plain.state_dict(), strict=False)
     # Interleave the runs so that machine noise hits all of them alike.
     runs = {"none": [], "recompute": [], "autograd": []}
-    for _ in range(3):
+    for _ in range(args.rounds):
         runs["none"] += step_times(plain, batch, args.repeats)
         for impl in ("recompute", "autograd"):
             MaskedLinear.implementation = impl

@@ -46,8 +46,10 @@ def ensure_dataset(study: dict, folder: Path, workers: int) -> Path:
 def run_one(study: dict, dataset: Path, variant: str, seed: int, out: Path, threads: int) -> dict:
     """Train one variant/seed in a fresh process (clean Accelerate state); return its evaluation history."""
     history_file = out / "eval_history.json"
-    if history_file.exists() and (out / "final" / "model.safetensors").exists():
-        return json.loads(history_file.read_text())
+    if history_file.exists():
+        history = json.loads(history_file.read_text())
+        if "train_wall_time_s" in history:  # written by run_one once the run has finished
+            return history
     train_yaml = out / "train.yaml"
     out.mkdir(parents=True, exist_ok=True)
     values = {
@@ -156,7 +158,8 @@ def main() -> None:
     dataset = dataset or ensure_dataset(study, args.output / "data", args.workers)
     jobs = [(variant, seed) for seed in study["seeds"] for variant in study["variants"]]
     if args.summarise_only:  # report the runs finished so far (e.g. while the study is still running)
-        jobs = [(v, s) for v, s in jobs if (args.output / f"{v}_seed{s}" / "final" / "model.safetensors").exists()]
+        finished = [(v, s, args.output / f"{v}_seed{s}" / "eval_history.json") for v, s in jobs]
+        jobs = [(v, s) for v, s, f in finished if f.exists() and "train_wall_time_s" in json.loads(f.read_text())]
 
     def job(item: tuple[str, int]) -> dict:
         variant, seed = item
