@@ -159,15 +159,15 @@ class HarmoDTTrainer(Trainer):
             masks = layer.task_masks()
             used = masks[tasks.to(masks.device)].any(dim=0)
             if not bool(used.all()):
-                unused = ~used
-                self._frozen_snapshot[name] = (unused, layer.weight.detach()[unused].clone())
+                self._frozen_snapshot[name] = (used, layer.weight.detach().clone())
 
     @torch.no_grad()
     def restore_unused_weights(self) -> None:
         """After the optimizer step: put the snapshotted weights back."""
         layers = self.harmodt.masked_layers()
-        for name, (unused, values) in self._frozen_snapshot.items():
-            layers[name].weight.data[unused] = values
+        for name, (used, before) in self._frozen_snapshot.items():
+            weight = layers[name].weight.data
+            torch.where(used, weight, before, out=weight)
         self._frozen_snapshot = {}
 
     # ------------------------------------------------------------------------------------------------ outer step
