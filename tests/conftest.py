@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import torch
 from hub_server import HubServer
+
+# The test models are tiny: one torch thread is faster than two, and two collapse on a busy 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loopback Hub: `hub_server` (tests/hub_server.py)
