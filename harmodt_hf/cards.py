@@ -140,6 +140,7 @@ def mask_embedding(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     eigvals, eigvecs = torch.linalg.eigh((centred + centred.T) / 2)
     order = torch.argsort(eigvals, descending=True)
     eigvals, eigvecs = eigvals[order].clamp_min(0.0), eigvecs[:, order]
+    eigvals[eigvals < 1e-9 * eigvals.max().clamp_min(1e-300)] = 0.0  # rounding noise of an exactly zero variance
     coords = torch.zeros(num_tasks, 2, dtype=torch.float64)
     ratio = torch.zeros(2, dtype=torch.float64)
     total = eigvals.sum()
