@@ -7,10 +7,18 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_harmodt import HarmoDTConfig
 from .modeling_harmodt import HarmoDTModel, HarmoDTOutput
+from .trainer import HarmoDTTrainer, HarmoDTTrainingArguments
 
 __version__ = "0.1.0"
 
 AutoConfig.register(HarmoDTConfig.model_type, HarmoDTConfig, exist_ok=True)
 AutoModel.register(HarmoDTConfig, HarmoDTModel, exist_ok=True)
 
-__all__ = ["HarmoDTConfig", "HarmoDTModel", "HarmoDTOutput", "__version__"]
+__all__ = [
+    "HarmoDTConfig",
+    "HarmoDTModel",
+    "HarmoDTOutput",
+    "HarmoDTTrainer",
+    "HarmoDTTrainingArguments",
+    "__version__",
+]
