@@ -1,0 +1,194 @@
+"""The stateful batched policy: :class:`HarmoDTPolicy` acts for many episodes at once, of any mix of tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+STD_EPSILON = 1e-6  # states are normalised as (obs - mean) / (std + 1e-6)
+
+
+class HarmoDTPolicy:
+    """A stateful HarmoDT policy for many episodes at once, of any mix of tasks.
+
+    Each episode lives in a *slot*; the policy keeps per slot the context window of the last ``K`` steps (left-padded
+    with zeros and mask 0), the timestep, the return-to-go and the task's prompt and normalisation. Everything comes
+    from the model's config: state mean/std, ``target_returns``, ``return_scale`` and the stored prompts.
+
+    The policy does not change the model's train/eval mode: call ``model.eval()`` first (``evaluate`` does).
+
+    Example::
+
+        policy = HarmoDTPolicy(model)
+        policy.reset(["reach-v3", "push-v3"])
+        actions = policy.act(observations)                # first step: no reward yet
+        actions = policy.act(observations, rewards)       # rewards received after the previous actions
+        actions = policy.act(observations[:1], rewards[:1], active=[1])   # slot 0 has ended: only slot 1 runs
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._allocate(0)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self._task_ids.numel())
+
+    @property
+    def task_ids(self) -> list[int]:
+        """Task id of every slot."""
+        return self._task_ids.tolist()
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps already taken in every slot's episode (the timestep of its next observation)."""
+        return self._steps.tolist()
+
+    def _allocate(self, n: int) -> None:
+        config, dev, k = self.config, self.device, self.config.context_length
+        self._task_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self._steps = np.zeros(n, dtype=np.int64)
+        self._rtg = np.zeros(n, dtype=np.float64)  # current return-to-go, already divided by return_scale
+        self._mean = torch.zeros(n, config.state_dim, device=dev)
+        self._std = torch.ones(n, config.state_dim, device=dev)
+        self._states = torch.zeros(n, k, config.state_dim, dtype=self.dtype, device=dev)
+        self._actions = torch.zeros(n, k, config.act_dim, dtype=self.dtype, device=dev)
+        self._returns = torch.zeros(n, k, 1, dtype=self.dtype, device=dev)
+        self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)
+        self._mask = torch.zeros(n, k, dtype=torch.long, device=dev)
+        self._prompt: dict[str, torch.Tensor] | None = None
+
+    def _resolve_task_ids(self, tasks: Sequence[int | str]) -> list[int]:
+        ids = []
+        for task in tasks:
+            if isinstance(task, str):
+                ids.append(self.config.task_id(task))
+            elif isinstance(task, (int, np.integer)) and 0 <= int(task) < self.config.num_tasks:
+                ids.append(int(task))
+            else:
+                raise ValueError(
+                    f"Task {task!r} is neither a task name nor a task id in [0, {self.config.num_tasks}) of this "
+                    f"model's tasks {self.config.task_names}"
+                )
+        return ids
+
+    def _slot_index(self, slots: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
+        index = np.asarray(slots, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= self.num_slots):
+            raise ValueError(f"{what} must be slot indices in [0, {self.num_slots}), got {index.tolist()}")
+        if len(np.unique(index)) != index.size:
+            raise ValueError(f"{what} has duplicate slots: {index.tolist()}")
+        return index
+
+    def reset(self, tasks: Sequence[int | str], slots: Sequence[int] | None = None) -> None:
+        """Start episodes of ``tasks`` (names or ids).
+
+        Without ``slots``: forget all episodes and start one per entry of ``tasks`` (slots ``0..n-1``). With
+        ``slots``: restart only those slots (one task per slot); the other slots go on untouched.
+        """
+        ids = self._resolve_task_ids(list(tasks))
+        if slots is None:
+            self._allocate(len(ids))
+            index = np.arange(len(ids))
+        else:
+            index = self._slot_index(slots, "slots")
+            if index.size != len(ids):
+                raise ValueError(f"reset got {len(ids)} tasks for {index.size} slots")
+        if not index.size:
+            return
+        config = self.config
+        ix = torch.as_tensor(index, device=self.device)
+        task_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        self._task_ids[ix] = task_ids
+        self._steps[index] = 0
+        self._rtg[index] = np.asarray([config.target_returns[i] for i in ids], dtype=np.float64) / config.return_scale
+        self._mean[ix] = torch.tensor([config.state_mean[i] for i in ids], dtype=torch.float32, device=self.device)
+        self._std[ix] = torch.tensor([config.state_std[i] for i in ids], dtype=torch.float32, device=self.device)
+        for buffer in (self._states, self._actions, self._returns, self._timesteps, self._mask):
+            buffer[ix] = 0
+        if config.use_prompt:
+            prompts = self.model.task_prompts(task_ids)
+            if self._prompt is None or slots is None:
+                self._prompt = {key: value.clone() for key, value in prompts.items()}
+            else:
+                for key, value in prompts.items():
+                    self._prompt[key][ix] = value
+
+    @torch.inference_mode()
+    def act(
+        self,
+        observations: np.ndarray,
+        rewards: np.ndarray | Sequence[float] | None = None,
+        active: Sequence[int] | np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Actions ``(n, act_dim)`` for the running episodes in ``active`` (default: every slot).
+
+        Args:
+            observations: ``(n, state_dim)`` raw observations, one per active slot, in the order of ``active``.
+            rewards: reward received after each active slot's previous action (decrements its return-to-go by
+                ``reward / return_scale``); ignored for slots at their first step, required for the others.
+            active: the slots to act for; ended episodes are simply left out and cost nothing.
+        """
+        config = self.config
+        index = np.arange(self.num_slots) if active is None else self._slot_index(active, "active")
+        obs = np.asarray(observations, dtype=np.float64)
+        if obs.ndim == 1 and index.size == 1:
+            obs = obs[None]
+        if obs.ndim != 2 or obs.shape[1] != config.state_dim:
+            raise ValueError(
+                f"observations must be (n, state_dim={config.state_dim}) for this model, got shape {obs.shape}"
+            )
+        if obs.shape[0] != index.size:
+            raise ValueError(f"got {obs.shape[0]} observations for {index.size} active episodes")
+        if not index.size:
+            return np.zeros((0, config.act_dim), dtype=np.float32)
+        started = self._steps[index] > 0
+        if started.any():
+            if rewards is None:
+                raise ValueError("rewards are required once an episode has taken a step (got rewards=None)")
+            rew = np.asarray(rewards, dtype=np.float64).reshape(-1)
+            if rew.size != index.size:
+                raise ValueError(f"got {rew.size} rewards for {index.size} active episodes")
+            self._rtg[index[started]] -= rew[started] / config.return_scale
+        too_long = self._steps[index] >= config.max_ep_len
+        if too_long.any():
+            raise ValueError(
+                f"episode in slot {int(index[too_long][0])} reached max_ep_len={config.max_ep_len} steps: the "
+                "model has no timestep embedding beyond that"
+            )
+
+        ix = torch.as_tensor(index, device=self.device)
+        buffers = (self._states, self._actions, self._returns, self._timesteps, self._mask)
+        for buffer in buffers:
+            buffer[ix] = buffer[ix].roll(-1, dims=1)
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        normalised = (obs_t - self._mean[ix]) / (self._std[ix] + STD_EPSILON)
+        self._states[ix, -1] = normalised.to(self.dtype)
+        self._actions[ix, -1] = 0
+        self._returns[ix, -1, 0] = torch.as_tensor(self._rtg[index], dtype=self.dtype, device=self.device)
+        self._timesteps[ix, -1] = torch.as_tensor(self._steps[index], device=self.device)
+        self._mask[ix, -1] = 1
+
+        prompt = {key: value[ix] for key, value in self._prompt.items()} if self._prompt is not None else None
+        output = self.model(
+            states=self._states[ix],
+            actions=self._actions[ix],
+            returns_to_go=self._returns[ix],
+            timesteps=self._timesteps[ix],
+            attention_mask=self._mask[ix],
+            task_ids=self._task_ids[ix],
+            prompt=prompt,
+            return_dict=True,
+        )
+        action = output.action_preds[:, -1]
+        self._actions[ix, -1] = action
+        self._steps[index] += 1
+        return action.float().cpu().numpy()
+
+
+__all__ = ["STD_EPSILON", "HarmoDTPolicy"]
