@@ -17,22 +17,22 @@ class _GroupedMaskedLinear(torch.autograd.Function):
     The masked weight of a group is rebuilt in backward instead of being kept alive from forward, so memory holds one
     masked copy at a time whatever the number of tasks. ``grad_W = Σ_g (grad_y[g]ᵀ x[g]) ⊙ M[t_g]``: it is exactly
     zero where every task of the batch has its mask off. With a ``task_grad_sink`` (``(num_tasks, out, in)``), the
-    backward pass also adds each group's *unmasked* ``grad_y[g]ᵀ x[g]`` (the gradient with respect to the effective
-    weight ``W ⊙ M[t]``) to ``sink[t]``: the per-task signal the mask update scores.
+    backward pass instead adds each group's *unmasked* ``grad_y[g]ᵀ x[g]`` (the gradient with respect to the effective
+    weight ``W ⊙ M[t]``) to ``sink[t]`` — the per-task signal the mask update scores — and returns no weight gradient.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes, task_grad_sink=None):  # noqa: D102
-        outputs = [
-            F.linear(x_group, weight * masks[task], bias)
-            for x_group, task in zip(x.split(group_sizes), group_tasks, strict=True)
-        ]
+        masked = [weight * masks[task] for task in group_tasks]
+        outputs = [F.linear(x_group, w, bias) for x_group, w in zip(x.split(group_sizes), masked, strict=True)]
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         ctx.save_for_backward(x, weight, masks)
         ctx.group_tasks = group_tasks
         ctx.group_sizes = group_sizes
         ctx.has_bias = bias is not None
         ctx.task_grad_sink = task_grad_sink
+        # Mask-gradient passes (a sink, no optimizer step) keep the masked weights for backward: one pass, all tasks.
+        ctx.masked_weights = masked if task_grad_sink is not None else None
         return out
 
     @staticmethod
@@ -41,23 +41,23 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         grad_groups = grad_out.split(ctx.group_sizes)
         x_groups = x.split(ctx.group_sizes)
+        sink, kept = ctx.task_grad_sink, ctx.masked_weights
         if ctx.needs_input_grad[0]:
             # Under autocast the forward ran in a lower precision: compute in grad_out's dtype, return input dtypes.
-            grad_x = torch.cat(
-                [g @ (weight * masks[t]).to(g.dtype) for g, t in zip(grad_groups, ctx.group_tasks, strict=True)]
-            ).to(x.dtype)
-        sink = ctx.task_grad_sink
-        if ctx.needs_input_grad[1] or sink is not None:
+            masked = kept if kept is not None else (weight * masks[t] for t in ctx.group_tasks)
+            grad_x = torch.cat([g @ w.to(g.dtype) for g, w in zip(grad_groups, masked, strict=True)]).to(x.dtype)
+        if sink is not None:
+            # Per-task gradients w.r.t. the effective weights only; the shared weight's gradient is not needed here.
+            for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
+                g2 = g.reshape(-1, g.shape[-1])
+                x2 = x_group.reshape(-1, x_group.shape[-1])
+                sink[t] += (g2.T @ x2.to(g2.dtype)).to(sink.dtype)
+        elif ctx.needs_input_grad[1]:
             grad_weight = torch.zeros_like(weight)
             for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
                 g2 = g.reshape(-1, g.shape[-1])
                 x2 = x_group.reshape(-1, x_group.shape[-1])
-                effective_grad = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
-                if sink is not None:
-                    sink[t] += effective_grad.to(sink.dtype)
-                grad_weight += effective_grad * masks[t]
-            if not ctx.needs_input_grad[1]:
-                grad_weight = None
+                grad_weight += (g2.T @ x2.to(g2.dtype)).to(weight.dtype) * masks[t]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None

@@ -215,7 +215,8 @@ class HarmoDTTrainer(Trainer):
         try:
             batch = self._fresh_task_batch(list(range(num_tasks)), tag=0)
             loss, losses = self._per_task_loss(model, batch)
-            torch.autograd.grad(loss, [layer.weight for layer in layers.values()])
+            # Runs the backward pass through every masked layer; their sinks collect the per-task gradients.
+            torch.autograd.grad(loss, [layer.weight for layer in layers.values()], allow_unused=True)
             grads = {f"{name}.weight": layer.task_grad_sink for name, layer in layers.items()}
         finally:
             for layer in layers.values():

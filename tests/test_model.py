@@ -227,6 +227,33 @@ def test_bfloat16_autocast_forward_and_backward():
         assert torch.count_nonzero(grad[~(masks[0] | masks[2])]) == 0, name
 
 
+def test_task_grad_sink_holds_each_tasks_effective_weight_gradient():
+    """One grouped pass gives, per task, dL_t/d(W ⊙ M_t): equal to the ordinary gradient on the task's active
+    weights, and a real (non-zero) signal on its inactive ones."""
+    model = HarmoDTModel(tiny_config()).train()
+    inputs = random_inputs(model.config, [0, 0, 1, 1], seed=3)
+    layers = model.masked_layers()
+    for layer in layers.values():
+        layer.task_grad_sink = torch.zeros(3, *layer.weight.shape)
+    preds = model(**inputs).action_preds
+    loss = ((preds[:2] - inputs["actions"][:2]) ** 2).mean() + ((preds[2:] - inputs["actions"][2:]) ** 2).mean()
+    torch.autograd.grad(loss, [layer.weight for layer in layers.values()], allow_unused=True)
+    sinks = {name: layer.task_grad_sink for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.task_grad_sink = None
+    for task, rows in ((0, slice(0, 2)), (1, slice(2, 4))):
+        alone = {k: v[rows] for k, v in inputs.items() if k != "prompt"}
+        alone["prompt"] = {k: v[rows] for k, v in inputs["prompt"].items()}
+        model.zero_grad()
+        ((model(**alone).action_preds - alone["actions"]) ** 2).mean().backward()
+        for name, layer in layers.items():
+            active = layer.task_masks()[task]
+            torch.testing.assert_close(sinks[name][task][active], layer.weight.grad[active], atol=1e-6, rtol=1e-4)
+            if (~active).any():  # ERK leaves the smallest layers dense
+                assert sinks[name][task][~active].abs().sum() > 0, name
+        assert sum(s[2].abs().sum() for s in sinks.values()) == 0  # task 2 had no samples
+
+
 def test_loss_is_masked_mse(model):
     inputs = random_inputs(model.config, [0, 1])
     out = model(**inputs, return_loss=True)
