@@ -23,16 +23,18 @@ class _GroupedMaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes, task_grad_sink=None):  # noqa: D102
-        masked = [weight * masks[task] for task in group_tasks]
-        outputs = [F.linear(x_group, w, bias) for x_group, w in zip(x.split(group_sizes), masked, strict=True)]
+        # Mask-gradient passes (a sink, no optimizer step) keep the masked weights for backward; training builds one
+        # masked weight at a time and rebuilds it in backward.
+        masked = [weight * masks[task] for task in group_tasks] if task_grad_sink is not None else None
+        weights = masked if masked is not None else (weight * masks[task] for task in group_tasks)
+        outputs = [F.linear(x_group, w, bias) for x_group, w in zip(x.split(group_sizes), weights, strict=True)]
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         ctx.save_for_backward(x, weight, masks)
         ctx.group_tasks = group_tasks
         ctx.group_sizes = group_sizes
         ctx.has_bias = bias is not None
         ctx.task_grad_sink = task_grad_sink
-        # Mask-gradient passes (a sink, no optimizer step) keep the masked weights for backward: one pass, all tasks.
-        ctx.masked_weights = masked if task_grad_sink is not None else None
+        ctx.masked_weights = masked
         return out
 
     @staticmethod
