@@ -55,11 +55,11 @@ class _GroupedMaskedLinear(torch.autograd.Function):
                 x2 = x_group.reshape(-1, x_group.shape[-1])
                 sink[t] += (g2.T @ x2.to(g2.dtype)).to(sink.dtype)
         elif ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros_like(weight)
             for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
                 g2 = g.reshape(-1, g.shape[-1])
                 x2 = x_group.reshape(-1, x_group.shape[-1])
-                grad_weight += (g2.T @ x2.to(g2.dtype)).to(weight.dtype) * masks[t]
+                term = (g2.T @ x2.to(g2.dtype)).to(weight.dtype).mul_(masks[t])
+                grad_weight = term if grad_weight is None else grad_weight.add_(term)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
