@@ -463,14 +463,3 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
     def num_masked_parameters(self) -> int:
         """Number of weights covered by task masks (per task)."""
         return sum(m.weight.numel() for m in self.masked_layers().values())
-
-
-def describe(model: HarmoDTModel) -> str:
-    """One-line summary: parameters, masked parameters and per-task density."""
-    total = sum(p.numel() for p in model.parameters())
-    masked = model.num_masked_parameters()
-    if not masked:
-        return f"HarmoDT ({model.config.mask_mode}): {total:,} parameters, no masks"
-    active = sum(m.sum(dim=(1, 2)) for m in model.get_task_masks().values())
-    density = (active.float() / masked).mean().item()
-    return f"HarmoDT ({model.config.mask_mode}): {total:,} parameters, {masked:,} masked, density {density:.3f}"

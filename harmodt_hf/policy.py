@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-STD_EPSILON = 1e-6  # states are normalised as (obs - mean) / (std + 1e-6)
+from .segments import STD_EPS as STD_EPSILON  # states: (obs - mean) / (std + 1e-6), as in training
 
 
 class HarmoDTPolicy:

@@ -10,7 +10,7 @@ import torch
 
 from .configuration_harmodt import HarmoDTConfig
 
-STD_EPS = 1e-6
+STD_EPS = 1e-6  # states are normalised as (obs - mean) / (std + STD_EPS), in training and when acting
 
 
 @dataclass
