@@ -1,13 +1,15 @@
 """Training throughput of HarmoDTTrainer at the paper model size, and the time of one outer (mask) update.
 
-    python benchmarks/bench_train.py [--tasks 50] [--steps 12] [--threads 1] [--skip-update]
+    python benchmarks/bench_train.py [--tasks 50] [--steps 12] [--threads 1] [--skip-update] [--bf16]
 
 Synthetic episodes (random arrays, 500 steps) for ``--tasks`` tasks; the paper model (6 layers, d=256, K=20,
 prompt 5). Measures, in one process, the median optimizer-step time of the real Trainer loop for
 ``round_robin`` (8 samples of one task per step) and ``all_tasks`` (8 samples of every task per step), each with
 HarmoDT masks and without (``mask_mode="none"``, Prompt-DT), prints samples/s and the masked/unmasked ratios; then
 the wall time of ``HarmoDTTrainer.update_masks()`` for all tasks (one task-grouped gradient pass + scoring +
-selection). Reference on this CPU at 1 thread (official code): ~32 samples/s inner, 14-19 s per outer update.
+selection). ``--bf16`` trains (and takes the mask gradients) under bf16 autocast, as ``TrainingArguments(bf16=True)``
+does; fast on CPUs with AMX. Reference on this CPU at 1 thread (official code): ~32 samples/s inner, 14-19 s per
+outer update.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def synthetic_buffer(num_tasks: int, episodes: int = 4, length: int = 500) -> Ep
     return EpisodeBuffer.from_episodes(rows)
 
 
-def make_trainer(buffer: EpisodeBuffer, mask_mode: str, sampling: str, steps: int, out: str) -> HarmoDTTrainer:
+def make_trainer(
+    buffer: EpisodeBuffer, mask_mode: str, sampling: str, steps: int, out: str, bf16: bool = False
+) -> HarmoDTTrainer:
     mean, std = buffer.state_stats()
     config = HarmoDTConfig(
         task_names=buffer.task_names, mask_mode=mask_mode, state_mean=mean.tolist(), state_std=std.tolist()
@@ -73,15 +77,16 @@ def make_trainer(buffer: EpisodeBuffer, mask_mode: str, sampling: str, steps: in
         report_to="none",
         disable_tqdm=True,
         use_cpu=True,
+        bf16=bf16,
         logging_steps=10**9,
     )
     dataset = SegmentDataset(sampler, num_items=steps * batch, batch_size=batch, task_sampling=sampling)
     return HarmoDTTrainer(model=model, args=args, train_dataset=dataset)
 
 
-def samples_per_second(buffer, mask_mode: str, sampling: str, steps: int) -> float:
+def samples_per_second(buffer, mask_mode: str, sampling: str, steps: int, bf16: bool) -> float:
     with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(buffer, mask_mode, sampling, steps, out)
+        trainer = make_trainer(buffer, mask_mode, sampling, steps, out, bf16)
         timer = StepTimer()
         trainer.add_callback(timer)
         trainer.train()
@@ -95,22 +100,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-update", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.set_verbosity_error()
     buffer = synthetic_buffer(args.tasks)
-    print(f"paper-size model, {args.tasks} tasks, {args.threads} thread(s)")
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    print(f"paper-size model, {args.tasks} tasks, {args.threads} thread(s), {precision}")
     for sampling in ("round_robin", "all_tasks"):
         steps = args.steps if sampling == "round_robin" else max(4, args.steps // 4)
-        plain = samples_per_second(buffer, "none", sampling, steps)
-        masked = samples_per_second(buffer, "harmony", sampling, steps)
+        plain = samples_per_second(buffer, "none", sampling, steps, args.bf16)
+        masked = samples_per_second(buffer, "harmony", sampling, steps, args.bf16)
         print(
             f"{sampling:>12}: masked {masked:7.1f} samples/s, unmasked {plain:7.1f} samples/s, "
             f"time ratio masked/unmasked {plain / masked:.3f}"
         )
     if not args.skip_update:
         with tempfile.TemporaryDirectory() as out:
-            trainer = make_trainer(buffer, "harmony", "all_tasks", 1, out)
+            trainer = make_trainer(buffer, "harmony", "all_tasks", 1, out, args.bf16)
             trainer.state.max_steps = 1000
             trainer.state.global_step = 250  # k = η_max at a quarter... sin²(π/4)·100 = 50 weights per task
             times = []

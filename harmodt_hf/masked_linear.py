@@ -11,27 +11,65 @@ from torch import nn
 from .masks import pack_masks, unpack_masks
 
 
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight ⊙ mask`` for a ``bool`` mask, as a new tensor.
+
+    The mask is read as bytes and converted to the weight's dtype first: on CPU that is several times faster than
+    multiplying by (or ``torch.where`` on) a ``bool`` tensor, which PyTorch does element by element.
+    """
+    factor = mask.view(torch.uint8).to(weight.dtype)
+    if weight.requires_grad and torch.is_grad_enabled():
+        return weight * factor
+    return factor.mul_(weight)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would compute in here: the autocast dtype when autocast is on, else the input's."""
+    device = x.device.type
+    if x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class _GroupedMaskedLinear(torch.autograd.Function):
     """``y[g] = x[g] @ (W ⊙ M[t_g])ᵀ + b`` for contiguous task groups ``g``.
 
-    The masked weight of a group is rebuilt in backward instead of being kept alive from forward, so memory holds one
-    masked copy at a time whatever the number of tasks. ``grad_W = Σ_g (grad_y[g]ᵀ x[g]) ⊙ M[t_g]``: it is exactly
-    zero where every task of the batch has its mask off. With a ``task_grad_sink`` (``(num_tasks, out, in)``), the
-    backward pass instead adds each group's *unmasked* ``grad_y[g]ᵀ x[g]`` (the gradient with respect to the effective
-    weight ``W ⊙ M[t]``) to ``sink[t]`` — the per-task signal the mask update scores — and returns no weight gradient.
+    Autocast-aware by hand: under autocast the input and the weight are cast once to the autocast dtype, the masked
+    weights are built in it, and every group writes into one preallocated output (no per-group casts, no ``cat``).
+    With several groups the masked weight of a group is rebuilt in backward instead of being kept alive from
+    forward, so memory holds one masked copy at a time whatever the number of tasks; a one-group batch (round robin)
+    keeps its single masked weight. ``grad_W = Σ_g (grad_y[g]ᵀ x[g]) ⊙ M[t_g]``: it is exactly zero where every task
+    of the batch has its mask off. With a ``task_grad_sink`` (``(num_tasks, out, in)``), the backward pass instead
+    adds each group's *unmasked* ``grad_y[g]ᵀ x[g]`` (the gradient with respect to the effective weight
+    ``W ⊙ M[t]``) to ``sink[t]`` — the per-task signal the mask update scores — and returns no weight gradient.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes, task_grad_sink=None):  # noqa: D102
-        # Mask-gradient passes (a sink, no optimizer step) keep the masked weights for backward; training builds one
-        # masked weight at a time and rebuilds it in backward.
-        masked = [weight * masks[task] for task in group_tasks] if task_grad_sink is not None else None
-        weights = masked if masked is not None else (weight * masks[task] for task in group_tasks)
-        outputs = [F.linear(x_group, w, bias) for x_group, w in zip(x.split(group_sizes), weights, strict=True)]
-        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        ctx.save_for_backward(x, weight, masks)
+        dtype = _compute_dtype(x)
+        x_c = x.to(dtype)
+        weight_c = weight.to(dtype)
+        bias_c = bias.to(dtype) if bias is not None else None
+        # Mask-gradient passes (a sink, no optimizer step) and one-group batches keep the masked weights for backward;
+        # training on several groups builds one masked weight at a time and rebuilds it in backward.
+        keep = task_grad_sink is not None or len(group_tasks) == 1
+        masked = [apply_mask(weight_c, masks[task]) for task in group_tasks] if keep else None
+        weights = masked if masked is not None else (apply_mask(weight_c, masks[task]) for task in group_tasks)
+        out = x_c.new_empty(*x.shape[:-1], weight.shape[0])
+        rows_in, rows_out = x_c.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+        per_row = rows_in.shape[0] // x.shape[0]
+        start = 0
+        for size, w in zip(group_sizes, weights, strict=True):
+            stop = start + size * per_row
+            if bias_c is not None:
+                torch.addmm(bias_c, rows_in[start:stop], w.T, out=rows_out[start:stop])
+            else:
+                torch.mm(rows_in[start:stop], w.T, out=rows_out[start:stop])
+            start = stop
+        ctx.save_for_backward(x_c, weight_c, masks)
         ctx.group_tasks = group_tasks
-        ctx.group_sizes = group_sizes
+        ctx.rows = [size * per_row for size in group_sizes]
+        ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         ctx.task_grad_sink = task_grad_sink
         ctx.masked_weights = masked
@@ -39,29 +77,28 @@ class _GroupedMaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, weight, masks = ctx.saved_tensors
+        x_c, weight_c, masks = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
-        grad_groups = grad_out.split(ctx.group_sizes)
-        x_groups = x.split(ctx.group_sizes)
+        grad_rows = grad_out.to(x_c.dtype).reshape(-1, grad_out.shape[-1])
+        x_rows = x_c.reshape(-1, x_c.shape[-1])
+        grad_groups, x_groups = grad_rows.split(ctx.rows), x_rows.split(ctx.rows)
         sink, kept = ctx.task_grad_sink, ctx.masked_weights
         if ctx.needs_input_grad[0]:
-            # Under autocast the forward ran in a lower precision: compute in grad_out's dtype, return input dtypes.
-            masked = kept if kept is not None else (weight * masks[t] for t in ctx.group_tasks)
-            grad_x = torch.cat([g @ w.to(g.dtype) for g, w in zip(grad_groups, masked, strict=True)]).to(x.dtype)
+            masked = kept if kept is not None else (apply_mask(weight_c, masks[t]) for t in ctx.group_tasks)
+            grad_in = x_rows.new_empty(x_rows.shape)
+            for g, w, out in zip(grad_groups, masked, grad_in.split(ctx.rows), strict=True):
+                torch.mm(g, w, out=out)
+            grad_x = grad_in.view(x_c.shape).to(ctx.input_dtype)
         if sink is not None:
             # Per-task gradients w.r.t. the effective weights only; the shared weight's gradient is not needed here.
             for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
-                g2 = g.reshape(-1, g.shape[-1])
-                x2 = x_group.reshape(-1, x_group.shape[-1])
-                sink[t] += (g2.T @ x2.to(g2.dtype)).to(sink.dtype)
+                sink[t] += g.T @ x_group
         elif ctx.needs_input_grad[1]:
             for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
-                g2 = g.reshape(-1, g.shape[-1])
-                x2 = x_group.reshape(-1, x_group.shape[-1])
-                term = (g2.T @ x2.to(g2.dtype)).to(weight.dtype).mul_(masks[t])
+                term = (g.T @ x_group).to(ctx.weight_dtype).mul_(masks[t].view(torch.uint8).to(ctx.weight_dtype))
                 grad_weight = term if grad_weight is None else grad_weight.add_(term)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
+            grad_bias = grad_rows.sum(0, dtype=torch.float32).to(ctx.weight_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
@@ -140,7 +177,7 @@ class MaskedLinear(nn.Module):
         if key != self._weight_key:
             self._weight_cache, self._weight_key = {}, key
         if task not in self._weight_cache:
-            self._weight_cache[task] = self.weight * self.task_masks()[task]
+            self._weight_cache[task] = apply_mask(self.weight, self.task_masks()[task])
         return self._weight_cache[task]
 
     def forward(self, x: torch.Tensor, groups: TaskGroups | None = None) -> torch.Tensor:
@@ -156,7 +193,7 @@ class MaskedLinear(nn.Module):
         masks = self.task_masks()
         if self.implementation == "autograd" and self.task_grad_sink is None:
             outputs = [
-                F.linear(x_group, self.weight * masks[t])
+                F.linear(x_group, apply_mask(self.weight, masks[t]))
                 for x_group, t in zip(x.split(groups.sizes), groups.tasks, strict=True)
             ]
             out = torch.cat(outputs)

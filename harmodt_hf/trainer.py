@@ -153,21 +153,23 @@ class HarmoDTTrainer(Trainer):
         model = self.harmodt
         if not model.config.has_masks:
             return
-        tasks = self._tasks_in_step()
+        tasks = self._tasks_in_step().nonzero().flatten().tolist()
         self._step_tasks.zero_()
         for name, layer in model.masked_layers().items():
             masks = layer.task_masks()
-            used = masks[tasks.to(masks.device)].any(dim=0)
-            if not bool(used.all()):
-                self._frozen_snapshot[name] = (used, layer.weight.detach().clone())
+            used = masks[tasks[0]] if len(tasks) == 1 else masks[tasks].any(dim=0)
+            if bool(used.view(torch.uint8).amin()):  # every weight used (uint8 reductions are fast on CPU)
+                continue
+            unused = (~used).view(torch.uint8).to(layer.weight.dtype)
+            self._frozen_snapshot[name] = (unused, layer.weight.detach().clone())
 
     @torch.no_grad()
     def restore_unused_weights(self) -> None:
-        """After the optimizer step: put the snapshotted weights back."""
+        """After the optimizer step: put the snapshotted weights back (``lerp`` with 0/1 weights is exact)."""
         layers = self.harmodt.masked_layers()
-        for name, (used, before) in self._frozen_snapshot.items():
+        for name, (unused, before) in self._frozen_snapshot.items():
             weight = layers[name].weight.data
-            torch.where(used, weight, before, out=weight)
+            torch.lerp(weight, before, unused, out=weight)
         self._frozen_snapshot = {}
 
     # ------------------------------------------------------------------------------------------------ outer step
@@ -185,9 +187,10 @@ class HarmoDTTrainer(Trainer):
     def _per_task_loss(self, model: HarmoDTModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum over tasks of each task's masked MSE, and the (num_tasks,) vector of those losses."""
         labels = batch.pop("labels")
-        out = model(**batch)
-        valid = batch["attention_mask"].to(out.action_preds.dtype).unsqueeze(-1)
-        squared = ((out.action_preds - labels) ** 2 * valid).sum(dim=(1, 2))
+        with self.accelerator.autocast():  # the training precision (bf16/fp16 autocast when asked for)
+            preds = model(**batch).action_preds.float()
+        valid = batch["attention_mask"].to(preds.dtype).unsqueeze(-1)
+        squared = ((preds - labels) ** 2 * valid).sum(dim=(1, 2))
         counts = valid.sum(dim=(1, 2)) * model.config.act_dim
         num_tasks = model.config.num_tasks
         sums = torch.zeros(num_tasks, device=squared.device).index_add(0, batch["task_ids"], squared)

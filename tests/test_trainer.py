@@ -232,4 +232,8 @@ def test_paper_configs_parse():
                                                     "--dataset", "x"])  # fmt: skip
     assert (model_args.variant, data_args.dataset_config, args.score) == ("harmodt-m", "mt50-sub-optimal", "magnitude")
     assert (args.learning_rate, args.max_grad_norm, args.mask_update_interval, args.per_device_train_batch_size) == (
-        1e-4, 0.25, 5000, 8)
+        1e-4,
+        0.25,
+        5000,
+        8,
+    )
