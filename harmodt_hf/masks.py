@@ -5,7 +5,8 @@ outer (mask) loop computes, with no I/O, no distributed code and no model classe
 
 * ERK initialisation: :func:`erk_densities`, :func:`erk_masks`;
 * scores: :func:`agreement_scores`, :func:`importance_scores`, :func:`harmony_scores`;
-* selection: :func:`select_prune_regrow` (the intended algorithm, rule ``"harmony"``) and
+* selection: :func:`select_prune_regrow` (the intended algorithm, rule ``"harmony"``; fused with the scores
+  in :func:`harmony_prune_regrow`) and
   :func:`reference_prune_regrow` (the official numerics, flaws included, rule ``"reference"``);
 * the η schedule :func:`prune_count`, the unseen-task :func:`merged_mask`;
 * helpers: :func:`mask_density`, :func:`pairwise_iou`, :func:`pack_masks`, :func:`unpack_masks`.
@@ -27,6 +28,7 @@ __all__ = [
     "agreement_scores",
     "erk_densities",
     "erk_masks",
+    "harmony_prune_regrow",
     "harmony_scores",
     "importance_scores",
     "mask_density",
@@ -256,13 +258,26 @@ def pairwise_iou(masks: Mapping[str, torch.Tensor], chunk: int = 1 << 20) -> tor
     counts = torch.zeros(num_tasks, dtype=torch.float64, device=device)
     with torch.autocast(device.type, enabled=False):  # a bf16/fp16 matmul would not be exact
         for m in masks.values():
-            flat = m.reshape(num_tasks, -1)
+            flat = m.reshape(num_tasks, -1).to(torch.bool)
             for start in range(0, flat.shape[1], chunk):
-                block = flat[:, start : start + chunk].to(torch.float32)
-                inter += (block @ block.T).to(torch.float64)
-                counts += block.sum(dim=1, dtype=torch.float64)
+                block = flat[:, start : start + chunk]
+                inter += _gram_counts(block).to(torch.float64)
+                counts += _row_counts(block).to(torch.float64)
     union = counts[:, None] + counts[None, :] - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+
+
+def _gram_counts(block: torch.Tensor) -> torch.Tensor:
+    """``B Bᵀ`` of a ``(T, n)`` bool block (n ≤ 2**24): int8 matmul with int32 sums on CPU (about 3x faster than
+    float32 there), float32 elsewhere; both exact."""
+    if block.device.type == "cpu" and hasattr(torch, "_int_mm"):
+        as_int8 = block.contiguous().view(torch.int8)
+        try:
+            return torch._int_mm(as_int8, as_int8.T.contiguous())
+        except RuntimeError:  # shapes the int8 kernel does not take
+            pass
+    as_float = block.to(torch.float32)
+    return as_float @ as_float.T
 
 
 def merged_mask(masks: Mapping[str, torch.Tensor], threshold: int) -> dict[str, torch.Tensor]:
@@ -334,9 +349,12 @@ def importance_scores(
 def harmony_scores(
     agreement: Mapping[str, torch.Tensor], importance: Mapping[str, torch.Tensor], gamma: float
 ) -> dict[str, torch.Tensor]:
-    """Prune score of the harmony rule: ``γ · agreement + importance`` (the lowest active entries are pruned)."""
+    """Prune score of the harmony rule: ``γ · agreement + importance`` (the lowest active entries are pruned).
+
+    Computed as ``importance.add(agreement, alpha=γ)``, the same kernel :func:`harmony_prune_regrow` uses, so both
+    give bit-identical scores."""
     _check_same_layout(agreement, importance, "importance")
-    return {name: gamma * a + importance[name] for name, a in agreement.items()}
+    return {name: importance[name].add(a, alpha=gamma) for name, a in agreement.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,10 +425,12 @@ def select_prune_regrow(
     inactive weights with the highest regrow score.
 
     Selection is global over all parameters in ``masks`` (flattened in dict order) and by exact index: inactive
-    entries are excluded from pruning (+inf) and active ones from regrowing (-inf) before one ``topk`` over the
-    ``(T, N)`` scores. Regrow candidates are the weights inactive *before* the update, so a just-pruned weight is
-    never regrown in the same step, and every task's active count stays exactly the same. Entries whose own score
-    is ±inf cannot be confused with excluded ones: such (rare) tasks fall back to an exact per-task selection.
+    entries are excluded from pruning (+inf) and active ones from regrowing (-inf); each parameter gives its k best
+    candidates per task and one ``topk`` over those candidates picks the k best overall (the same set as one ``topk``
+    over all ``(T, N)`` scores, without ever concatenating them). Regrow candidates are the weights inactive *before*
+    the update, so a just-pruned weight is never regrown in the same step, and every task's active count stays
+    exactly the same. Entries whose own score is ±inf cannot be confused with excluded ones: such (rare) tasks fall
+    back to an exact per-task selection.
 
     Args:
         masks: name -> bool ``(T, *shape)``.
@@ -424,37 +444,168 @@ def select_prune_regrow(
         concatenation of the flattened parameters, ascending); ``pruned_per_param`` / ``regrown_per_param``:
         name -> ``(T,)`` counts.
     """
-    names = list(masks)
-    num_tasks = _num_tasks(masks, "masks")
     _check_same_layout(masks, prune_scores, "prune_scores")
     _check_same_layout(masks, regrow_scores, "regrow_scores")
-    shapes = [tuple(masks[n].shape[1:]) for n in names]
-    flat_masks = _flat(masks, names, num_tasks).to(torch.bool)
-    active = _row_counts(flat_masks)
-    _check_k(k, active, flat_masks.shape[1])
+    for what, scores in (("prune_scores", prune_scores), ("regrow_scores", regrow_scores)):
+        for tensor in scores.values():
+            if not tensor.is_floating_point():
+                raise ValueError(f"{what} must be floating point, got {tensor.dtype}")
+            if _has_nan(tensor):
+                raise ValueError(f"{what} contain NaN")
+
+    def layer_scores(name: str, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tasks = mask.shape[0]
+        return prune_scores[name].reshape(num_tasks, -1).clone(), regrow_scores[name].reshape(num_tasks, -1).clone()
+
+    def exact_rows(task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _cat_row(prune_scores, task), _cat_row(regrow_scores, task)
+
+    return _select_by_layer(masks, k, layer_scores, exact_rows)
+
+
+def harmony_prune_regrow(
+    masks: Mapping[str, torch.Tensor],
+    task_grads: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor] | None,
+    k: int,
+    gamma: float,
+    kind: Literal["fisher", "magnitude"],
+    overwrite_grads: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The whole harmony update in one pass over the parameters: scores, then :func:`select_prune_regrow`.
+
+    Gives exactly ``select_prune_regrow(masks, harmony_scores(a, importance_scores(g, params, kind), gamma), a, k)``
+    with ``a = agreement_scores(g)``, but scores one parameter at a time and never concatenates all tasks' scores;
+    with ``overwrite_grads=True`` each gradient tensor is reused as that parameter's agreement buffer (its content
+    is lost), which saves a ``(T, *shape)`` allocation per parameter. Non-finite gradients are an error (the scores
+    would be meaningless).
+    """
+    if kind not in ("fisher", "magnitude"):
+        raise ValueError(f'importance kind must be "fisher" or "magnitude", got {kind!r}')
+    if kind == "magnitude" and params is None:
+        raise ValueError('importance kind "magnitude" needs params')
+    _check_same_layout(masks, task_grads, "task_grads")
+
+    def layer_scores(name: str, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tasks = mask.shape[0]
+        grads = task_grads[name].reshape(num_tasks, -1)
+        if not grads.is_floating_point() or not torch.isfinite(grads.sum()):
+            raise ValueError(f"task_grads[{name!r}] must be finite floating point gradients")
+        agreement = grads if overwrite_grads else grads.clone()
+        mean = agreement.mean(dim=0, keepdim=True)
+        if kind == "fisher":
+            prune = agreement * agreement
+        else:
+            if name not in params:
+                raise ValueError(f"params lacks {name!r}, needed for magnitude importance")
+            prune = params[name].detach().abs().reshape(1, -1).expand(num_tasks, -1)
+        agreement.mul_(mean)  # ḡ ⊙ g_i, the same product as agreement_scores
+        prune = prune.add_(agreement, alpha=gamma) if kind == "fisher" else prune.add(agreement, alpha=gamma)
+        return prune, agreement
+
+    return _select_by_layer(masks, k, layer_scores, exact_rows=None)
+
+
+def _has_nan(scores: torch.Tensor) -> bool:
+    """NaN test that reads the tensor once (a sum); the elementwise test runs only if the sum is not finite."""
+    return not bool(torch.isfinite(scores.sum())) and bool(torch.isnan(scores).any())
+
+
+def _cat_row(tensors: Mapping[str, torch.Tensor], task: int) -> torch.Tensor:
+    return torch.cat([t[task].reshape(-1) for t in tensors.values()])
+
+
+def _select_by_layer(masks, k, layer_scores, exact_rows) -> tuple[dict[str, torch.Tensor], dict]:
+    """Selection engine of the harmony rule, one parameter at a time.
+
+    ``layer_scores(name, mask)`` returns fresh ``(T, n)`` prune and regrow scores of one parameter, which are
+    overwritten here. ``exact_rows(task)`` returns that task's full flat score rows for the rare exact fallback
+    (``None``: an infinite score on a selected candidate is an error instead).
+    """
+    names = list(masks)
+    num_tasks = _num_tasks(masks, "masks")
+    flat = {n: masks[n].reshape(num_tasks, -1).to(torch.bool) for n in names}
+    sizes = [flat[n].shape[1] for n in names]
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
+    total = sum(sizes)
+    active = sum(_row_counts(flat[n]) for n in names)
+    _check_k(k, active, total)
+    device = flat[names[0]].device
     if k == 0:
-        empty = torch.empty(num_tasks, 0, dtype=torch.int64, device=flat_masks.device)
-        return _apply_selection(flat_masks, active, empty, empty, names, shapes)
+        empty = torch.empty(num_tasks, 0, dtype=torch.int64, device=device)
+        return _apply_layer_selection(masks, flat, offsets, active, empty, empty)
 
-    prune = _flat(prune_scores, names, num_tasks)
-    regrow = _flat(regrow_scores, names, num_tasks)
-    for what, scores in (("prune_scores", prune), ("regrow_scores", regrow)):
-        if not scores.is_floating_point():
-            raise ValueError(f"{what} must be floating point, got {scores.dtype}")
-        if torch.isnan(scores).any():
-            raise ValueError(f"{what} contain NaN")
-    prune.masked_fill_(~flat_masks, math.inf)
-    regrow.masked_fill_(flat_masks, -math.inf)
-    prune_idx = torch.topk(prune, k, dim=1, largest=False).indices
-    regrow_idx = torch.topk(regrow, k, dim=1, largest=True).indices
+    prune_cands: list[tuple[torch.Tensor, torch.Tensor]] = []
+    regrow_cands: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, offset in zip(names, offsets, strict=True):
+        mask = flat[name]
+        prune, regrow = layer_scores(name, masks[name])
+        prune.masked_fill_(~mask, math.inf)
+        regrow.masked_fill_(mask, -math.inf)
+        kk = min(k, mask.shape[1])
+        values, indices = torch.topk(prune, kk, dim=1, largest=False)
+        prune_cands.append((values, indices + offset))
+        values, indices = torch.topk(regrow, kk, dim=1, largest=True)
+        regrow_cands.append((values, indices + offset))
+        del prune, regrow
+    prune_idx = _best_candidates(prune_cands, k, largest=False)
+    regrow_idx = _best_candidates(regrow_cands, k, largest=True)
 
-    bad = ~flat_masks.gather(1, prune_idx).all(dim=1) | flat_masks.gather(1, regrow_idx).any(dim=1)
-    for task in bad.nonzero().flatten().tolist():  # scores of ±inf on candidates: select among candidates exactly
-        on = flat_masks[task].nonzero().flatten()
-        off = (~flat_masks[task]).nonzero().flatten()
-        prune_idx[task] = on[torch.topk(prune[task, on], k, largest=False).indices]
-        regrow_idx[task] = off[torch.topk(regrow[task, off], k, largest=True).indices]
-    return _apply_selection(flat_masks, active, prune_idx, regrow_idx, names, shapes)
+    bad = ~_gather_flat(flat, offsets, prune_idx).all(dim=1) | _gather_flat(flat, offsets, regrow_idx).any(dim=1)
+    bad_tasks = bad.nonzero().flatten().tolist()
+    if bad_tasks and exact_rows is None:
+        raise ValueError(f"infinite scores on selection candidates for tasks {bad_tasks}")
+    for task in bad_tasks:  # scores of ±inf on candidates: select among candidates exactly
+        row_mask = torch.cat([flat[n][task] for n in names])
+        prune_row, regrow_row = exact_rows(task)
+        on, off = row_mask.nonzero().flatten(), (~row_mask).nonzero().flatten()
+        prune_idx[task] = on[torch.topk(prune_row[on], k, largest=False).indices]
+        regrow_idx[task] = off[torch.topk(regrow_row[off], k, largest=True).indices]
+    return _apply_layer_selection(masks, flat, offsets, active, prune_idx, regrow_idx)
+
+
+def _best_candidates(cands: list[tuple[torch.Tensor, torch.Tensor]], k: int, largest: bool) -> torch.Tensor:
+    """The k best of the per-parameter candidates, as flat indices ``(T, k)``."""
+    values = torch.cat([v for v, _ in cands], dim=1)
+    indices = torch.cat([i for _, i in cands], dim=1)
+    return indices.gather(1, torch.topk(values, k, dim=1, largest=largest).indices)
+
+
+def _gather_flat(flat: dict[str, torch.Tensor], offsets: list[int], idx: torch.Tensor) -> torch.Tensor:
+    """``cat(flat.values(), dim=1).gather(1, idx)`` without the concatenation."""
+    out = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+    for mask, offset in zip(flat.values(), offsets, strict=True):
+        inside = (idx >= offset) & (idx < offset + mask.shape[1])
+        local = (idx - offset).clamp(0, mask.shape[1] - 1)
+        out |= inside & mask.gather(1, local)
+    return out
+
+
+def _apply_layer_selection(masks, flat, offsets, active, prune_idx, regrow_idx) -> tuple[dict[str, torch.Tensor], dict]:
+    """New masks (per parameter) with the selected entries flipped, and the statistics of the update."""
+    num_tasks = prune_idx.shape[0]
+    pruned = _row_counts(_gather_flat(flat, offsets, prune_idx))
+    regrown = _row_counts(~_gather_flat(flat, offsets, regrow_idx))
+    rows = torch.arange(num_tasks, device=prune_idx.device)[:, None]
+    new_masks, pruned_per_param, regrown_per_param = {}, {}, {}
+    for (name, mask), offset in zip(flat.items(), offsets, strict=True):
+        n = mask.shape[1]
+        new = mask.clone()
+        for idx, value, per_param in ((prune_idx, False, pruned_per_param), (regrow_idx, True, regrown_per_param)):
+            inside = (idx >= offset) & (idx < offset + n)
+            new.view(-1)[(rows * n + idx - offset)[inside]] = value
+            per_param[name] = inside.sum(dim=1)
+        new_masks[name] = new.reshape(masks[name].shape)
+    stats = {
+        "pruned": pruned,
+        "regrown": regrown,
+        "active": active - pruned + regrown,
+        "prune_indices": prune_idx.sort(dim=1).values,
+        "regrow_indices": regrow_idx.sort(dim=1).values,
+        "pruned_per_param": pruned_per_param,
+        "regrown_per_param": regrown_per_param,
+    }
+    return new_masks, stats
 
 
 def _gather_row(tensors: Mapping[str, torch.Tensor], names: list[str], task: int, out: torch.Tensor) -> torch.Tensor:

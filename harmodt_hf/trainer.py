@@ -52,8 +52,13 @@ class HarmoDTTrainingArguments(TrainingArguments):
     update_rule: str = field(default="harmony", metadata={"help": "'harmony' (intended) or 'reference' (official)."})
     task_sampling: str = field(default="round_robin", metadata={"help": "'round_robin' or 'all_tasks'."})
     mask_grad_batch_size: int = field(default=8, metadata={"help": "Segments per task for the mask gradients."})
-    mask_grad_train_mode: bool = field(
-        default=True, metadata={"help": "Compute mask gradients in train mode (dropout on), as the official code."}
+    mask_grad_train_mode: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Mask gradients in train mode (dropout on) or eval mode. Default: eval mode for 'harmony' (each "
+            "task's deterministic loss gradient; dropout would add noise to the scores and, on CPU, doubles the "
+            "cost of the pass) and train mode for 'reference' (as the official code)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -203,7 +208,8 @@ class HarmoDTTrainer(Trainer):
         if self.args.max_grad_norm <= 0:
             return
         num_tasks = next(iter(grads.values())).shape[0]
-        norms = torch.sqrt(sum(g.reshape(num_tasks, -1).pow(2).sum(1) for g in grads.values()))
+        squares = sum(torch.linalg.vector_norm(g.reshape(num_tasks, -1), dim=1) ** 2 for g in grads.values())
+        norms = torch.sqrt(squares)
         scale = (self.args.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for g in grads.values():
             g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
@@ -265,7 +271,8 @@ class HarmoDTTrainer(Trainer):
         total = args.eta_total_steps or self.state.max_steps
         k = mask_math.prune_count(self.state.global_step, total, args.eta_min, args.eta_max, args.eta_schedule)
         was_training = model.training
-        model.train(args.mask_grad_train_mode)
+        train_mode = args.mask_grad_train_mode
+        model.train(args.update_rule == "reference" if train_mode is None else train_mode)
         try:
             if args.update_rule == "harmony":
                 grads, losses = self._harmony_task_gradients()
@@ -284,10 +291,10 @@ class HarmoDTTrainer(Trainer):
                 if args.update_rule == "harmony":
                     self._clip_task_grads(grads)
                     params = {name: model.get_parameter(name) for name in body_names}
-                    agreement = mask_math.agreement_scores(grads)
-                    importance = mask_math.importance_scores(grads, params, args.score)
-                    prune = mask_math.harmony_scores(agreement, importance, args.gamma)
-                    new_masks, stats = mask_math.select_prune_regrow(model.get_task_masks(), prune, agreement, k)
+                    # The gradients are ours: overwriting them saves a (T, *shape) buffer per parameter.
+                    new_masks, stats = mask_math.harmony_prune_regrow(
+                        model.get_task_masks(), grads, params, k, args.gamma, args.score, overwrite_grads=True
+                    )
                 else:
                     params = dict(model.named_parameters())
                     new_all, stats = mask_math.reference_prune_regrow(

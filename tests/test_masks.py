@@ -13,6 +13,7 @@ from harmodt_hf.masks import (
     agreement_scores,
     erk_densities,
     erk_masks,
+    harmony_prune_regrow,
     harmony_scores,
     importance_scores,
     mask_density,
@@ -349,6 +350,40 @@ def test_select_prune_regrow_matches_brute_force_and_preserves_counts():
     assert torch.equal(flat(new).sum(1), before)
     changed = flat(new) ^ flat(masks)
     assert changed.sum(1).tolist() == [2 * k] * T
+
+
+@pytest.mark.parametrize("kind", ["fisher", "magnitude"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_harmony_prune_regrow_equals_scores_then_selection(kind, overwrite):
+    g = torch.Generator().manual_seed(11)
+    # a parameter smaller than k exercises the per-parameter candidate lists
+    shapes = {"x": (40, 30), "y": (3,), "z": (20, 5, 4)}
+    T, k = 6, 25
+    masks = {n: torch.rand((T, *s), generator=g) < 0.7 for n, s in shapes.items()}
+    grads = {n: torch.randn((T, *s), generator=g) * 1e-3 for n, s in shapes.items()}
+    params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    agree = agreement_scores(grads)
+    prune = harmony_scores(agree, importance_scores(grads, params, kind), gamma=10.0)
+    expected, expected_stats = select_prune_regrow(masks, prune, agree, k=k)
+    work = {n: v.clone() for n, v in grads.items()}
+    new, stats = harmony_prune_regrow(masks, work, params, k, 10.0, kind, overwrite_grads=overwrite)
+    assert all(torch.equal(new[n], expected[n]) for n in shapes)
+    for key in ("prune_indices", "regrow_indices", "pruned", "regrown", "active"):
+        assert torch.equal(stats[key], expected_stats[key]), key
+    assert all(torch.equal(work[n], grads[n]) for n in shapes) != overwrite  # overwritten only when asked
+    # brute force on the concatenated scores
+    flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
+    exp_prune, exp_regrow = brute_force_select(flat(masks), flat(prune), flat(agree), k)
+    assert stats["prune_indices"].tolist() == exp_prune and stats["regrow_indices"].tolist() == exp_regrow
+
+
+def test_harmony_prune_regrow_rejects_non_finite_gradients():
+    masks = {"w": _b([[1, 1, 0, 0], [0, 1, 1, 0]])}
+    grads = {"w": _f([[1.0, float("inf"), 0.0, 2.0], [0.5, 0.0, 1.0, 1.0]])}
+    with pytest.raises(ValueError, match="finite"):
+        harmony_prune_regrow(masks, grads, None, 1, 10.0, "fisher")
+    with pytest.raises(ValueError, match="magnitude"):
+        harmony_prune_regrow(masks, grads, None, 1, 10.0, "magnitude")
 
 
 # ---------------------------------------------------------------------------------------------------------------
