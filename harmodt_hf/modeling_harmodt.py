@@ -31,8 +31,7 @@ class HarmoDTOutput(ModelOutput):
 
     Args:
         loss: masked MSE between predicted and target actions (when targets are given).
-        action_preds: predicted actions, ``(batch, K, act_dim)`` (``(batch, 1, act_dim)`` with ``last_action_only``),
-            in [-1, 1].
+        action_preds: predicted actions, ``(batch, K, act_dim)``, in [-1, 1].
         last_hidden_state: final hidden states of the whole token sequence (prompt tokens first).
         hidden_states: hidden states after the embedding and after every block (``output_hidden_states=True``).
     """
@@ -59,16 +58,10 @@ class HarmoDTAttention(nn.Module):
         self.attn_dropout = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(
-        self, x: torch.Tensor, attn_bias: torch.Tensor, groups: TaskGroups | None, query: int | None = None
-    ) -> torch.Tensor:
-        """Attention output for every token, or with ``query`` (a token index) for that token only."""
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor:
         batch, length, d = x.shape
         q, k, v = self.c_attn(x, groups).split(d, dim=-1)
-        if query is not None:
-            q, attn_bias = q.narrow(1, query, 1), attn_bias.narrow(2, query, 1)
-        q = q.reshape(batch, -1, self.n_head, d // self.n_head).transpose(1, 2)
-        k, v = (t.view(batch, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (k, v))
+        q, k, v = (t.view(batch, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.attn_dropout if self.training else 0.0
         dtype = q.dtype
         if q.device.type == "cpu" and dtype != torch.float32:
@@ -80,7 +73,7 @@ class HarmoDTAttention(nn.Module):
                 ).to(dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(batch, -1, d)
+        y = y.transpose(1, 2).reshape(batch, length, d)
         return self.resid_dropout(self.c_proj(y, groups))
 
 
@@ -107,12 +100,8 @@ class HarmoDTBlock(nn.Module):
         self.ln_2 = BodyLayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = HarmoDTMLP(config)
 
-    def forward(
-        self, x: torch.Tensor, attn_bias: torch.Tensor, groups: TaskGroups | None, query: int | None = None
-    ) -> torch.Tensor:
-        """The block's output for every token, or with ``query`` (a token index) for that token only."""
-        attended = self.attn(self.ln_1(x), attn_bias, groups, query)
-        x = (x if query is None else x.narrow(1, query, 1)) + attended
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_bias, groups)
         return x + self.mlp(self.ln_2(x), groups)
 
 
@@ -131,10 +120,7 @@ class HarmoDTTransformer(nn.Module):
         attention_mask: torch.Tensor,
         groups: TaskGroups | None,
         output_hidden_states: bool = False,
-        query: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Hidden states of every token, or with ``query`` (a token index) the last block's output for that token
-        only (the earlier blocks compute every token: their keys and values are needed)."""
         length = inputs_embeds.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=inputs_embeds.device).tril()
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
@@ -142,8 +128,8 @@ class HarmoDTTransformer(nn.Module):
         attn_bias = attn_bias.masked_fill(~allowed, -1e4)
         x = self.drop(inputs_embeds)
         hidden = [x] if output_hidden_states else None
-        for i, block in enumerate(self.h):
-            x = block(x, attn_bias, groups, query if i == len(self.h) - 1 else None)
+        for block in self.h:
+            x = block(x, attn_bias, groups)
             if hidden is not None:
                 hidden.append(x)
         x = self.ln_f(x)
@@ -315,7 +301,6 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
         return_loss: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
-        last_action_only: bool = False,
     ) -> HarmoDTOutput | tuple:
         """Predict the action at every state token.
 
@@ -330,10 +315,6 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
                 ``attention_mask`` of prompt length P; required when ``config.use_prompt``.
             labels: target actions ``(B, K, act_dim)``; with ``return_loss=True`` and no labels, ``actions`` are the
                 targets.
-            last_action_only: inference shortcut for acting: predict only the last step's action
-                (``action_preds`` is ``(B, 1, act_dim)``, the same values as ``action_preds[:, -1:]`` of a full forward
-                up to float rounding). The last block then computes only the last state token's row, and
-                ``last_hidden_state`` (and the last of ``hidden_states``) hold that row only. No loss.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
@@ -349,8 +330,6 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             prompt = self._normalise_prompt(prompt, batch, states.device)
         if labels is None and return_loss:
             labels = actions
-        if last_action_only and labels is not None:
-            raise ValueError("last_action_only predicts the last step's action only: it cannot compute a loss")
 
         # Sort the batch by task so that each masked layer sees contiguous task groups.
         order = None
@@ -372,13 +351,9 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             p_tokens, p_mask = self._embed_prompt({k: sort(v) for k, v in prompt.items()})
             tokens = torch.cat([p_tokens, tokens], dim=1)
             token_mask = torch.cat([p_mask, token_mask], dim=1)
-        query = tokens.shape[1] - 2 if last_action_only else None  # the last step's state token
-        hidden, all_hidden = self.transformer(tokens, token_mask, groups, output_hidden_states, query)
-        if last_action_only:
-            action_preds = torch.tanh(self.predict_action(hidden))
-        else:
-            step_hidden = hidden[:, -3 * length :].reshape(batch, length, 3, config.hidden_size)
-            action_preds = torch.tanh(self.predict_action(step_hidden[:, :, 1]))
+        hidden, all_hidden = self.transformer(tokens, token_mask, groups, output_hidden_states)
+        step_hidden = hidden[:, -3 * length :].reshape(batch, length, 3, config.hidden_size)
+        action_preds = torch.tanh(self.predict_action(step_hidden[:, :, 1]))
         if order is not None:
             action_preds = action_preds[inverse]
             hidden = hidden[inverse]
