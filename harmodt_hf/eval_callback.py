@@ -12,6 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from .evaluation import evaluate
+from .policy import check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class SuccessRateCallback(TrainerCallback, ExportableState):
         stop_on_success: end episodes at their first success.
         eval_on_train_end: also evaluate after the last step when it was not an evaluation step.
         output_dir: where ``eval_history.json`` goes (default ``TrainingArguments.output_dir``).
+        precision: policy forward precision, ``"fp32"`` (default) or ``"bf16"`` (see :func:`evaluate`).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class SuccessRateCallback(TrainerCallback, ExportableState):
         stop_on_success: bool = True,
         eval_on_train_end: bool = True,
         output_dir: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         if eval_steps is not None and (not isinstance(eval_steps, int) or eval_steps <= 0):
             raise ValueError(f"eval_steps must be a positive integer or None, got {eval_steps!r}")
@@ -72,6 +75,7 @@ class SuccessRateCallback(TrainerCallback, ExportableState):
         self.stop_on_success = stop_on_success
         self.eval_on_train_end = eval_on_train_end
         self.output_dir = output_dir
+        self.precision = check_precision(precision)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
 
@@ -117,6 +121,7 @@ class SuccessRateCallback(TrainerCallback, ExportableState):
                 stop_on_success=self.stop_on_success,
                 num_workers=self.num_workers,
                 max_steps=self.max_steps,
+                precision=self.precision,
             )
         finally:
             model.train(was_training)
@@ -163,6 +168,7 @@ class SuccessRateCallback(TrainerCallback, ExportableState):
                 "stop_on_success": self.stop_on_success,
                 "eval_on_train_end": self.eval_on_train_end,
                 "output_dir": self.output_dir,
+                "precision": self.precision,
             },
             "attributes": {"history": self.history, "best": self.best},
         }

@@ -9,6 +9,16 @@ import torch
 
 from .segments import STD_EPS as STD_EPSILON  # states: (obs - mean) / (std + 1e-6), as in training
 
+# Inference precisions: the autocast dtype of the model's forward (None: autocast off, the model's own dtype).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def check_precision(precision: str) -> str:
+    """Return ``precision`` if it is one of :data:`PRECISIONS`; otherwise raise ``ValueError`` naming them."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return precision
+
 
 class HarmoDTPolicy:
     """A stateful HarmoDT policy for many episodes at once, of any mix of tasks.
@@ -19,6 +29,11 @@ class HarmoDTPolicy:
 
     The policy does not change the model's train/eval mode: call ``model.eval()`` first (``evaluate`` does).
 
+    ``precision="fp32"`` (the default, as the official evaluation) runs the model in its own dtype with autocast off;
+    ``"bf16"`` runs its forward under ``torch.autocast(device_type, torch.bfloat16)`` (several times faster on CPUs
+    with AMX and on GPUs; actions then differ from fp32 ones in the third significant digit). Either way the
+    context window is kept in the model's dtype and :meth:`act` returns float32 actions.
+
     Example::
 
         policy = HarmoDTPolicy(model)
@@ -28,12 +43,19 @@ class HarmoDTPolicy:
         actions = policy.act(observations[:1], rewards[:1], active=[1])   # slot 0 has ended: only slot 1 runs
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32") -> None:
         self.model = model
         self.config = model.config
+        self.precision = check_precision(precision)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._allocate(0)
+
+    def _autocast(self) -> torch.autocast:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:  # fp32 also inside an enclosing autocast region (e.g. a training step's)
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @property
     def num_slots(self) -> int:
@@ -175,20 +197,21 @@ class HarmoDTPolicy:
         self._mask[ix, -1] = 1
 
         prompt = {key: value[ix] for key, value in self._prompt.items()} if self._prompt is not None else None
-        output = self.model(
-            states=self._states[ix],
-            actions=self._actions[ix],
-            returns_to_go=self._returns[ix],
-            timesteps=self._timesteps[ix],
-            attention_mask=self._mask[ix],
-            task_ids=self._task_ids[ix],
-            prompt=prompt,
-            return_dict=True,
-        )
+        with self._autocast():
+            output = self.model(
+                states=self._states[ix],
+                actions=self._actions[ix],
+                returns_to_go=self._returns[ix],
+                timesteps=self._timesteps[ix],
+                attention_mask=self._mask[ix],
+                task_ids=self._task_ids[ix],
+                prompt=prompt,
+                return_dict=True,
+            )
         action = output.action_preds[:, -1]
-        self._actions[ix, -1] = action
+        self._actions[ix, -1] = action.to(self.dtype)
         self._steps[index] += 1
         return action.float().cpu().numpy()
 
 
-__all__ = ["STD_EPSILON", "HarmoDTPolicy"]
+__all__ = ["PRECISIONS", "STD_EPSILON", "HarmoDTPolicy", "check_precision"]

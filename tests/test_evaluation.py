@@ -48,9 +48,11 @@ def model() -> HarmoDTModel:
     return make_model()
 
 
-def run_one_episode(model, task: str, episode: int, seed: int, max_steps: int) -> tuple[np.ndarray, bool, float]:
+def run_one_episode(
+    model, task: str, episode: int, seed: int, max_steps: int, precision: str = "fp32"
+) -> tuple[np.ndarray, bool, float]:
     """The reference: one episode at a time with a batch-1 policy (actions, success at any step, return)."""
-    policy = HarmoDTPolicy(model)
+    policy = HarmoDTPolicy(model, precision=precision)
     policy.reset([task])
     env = make_env(task, episode, seed)
     obs, _ = env.reset(seed=episode_reset_seed(seed, task, episode))
@@ -176,6 +178,33 @@ def test_batched_evaluation_matches_one_episode_at_a_time(model, one_torch_threa
     assert all(ep.std(axis=0).min() > 1e-3 for ep in episodes)
     assert np.abs(episodes[0] - episodes[1]).max() > 1e-3
     assert np.abs(episodes[0] - episodes[2]).max() > 1e-3
+
+
+def test_bf16_batched_evaluation_matches_one_episode_at_a_time_and_keeps_the_protocol(model, one_torch_thread):
+    """precision="bf16": batched episodes equal batch-1 bf16 episodes bit for bit, differ from fp32 ones by bf16
+    rounding, and the run has the same episodes, seeds and result keys as an fp32 run (plus the precision)."""
+    seed, max_steps = 2, 12
+    kwargs = dict(tasks=TWO_TASKS, episodes_per_task=2, seed=seed, max_steps=max_steps, stop_on_success=False,
+                  num_workers=0, record_actions=True, torch_threads=1)  # fmt: skip
+    bf16 = evaluate(model, precision="bf16", **kwargs)
+    fp32 = evaluate(model, **kwargs)
+    assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
+    assert set(bf16) == set(fp32)
+    for key in ("tasks", "seed", "episodes_per_task", "max_steps", "stop_on_success", "target_returns", "env_steps"):
+        assert bf16[key] == fp32[key], key
+    for task in TWO_TASKS:
+        b, f = bf16["per_task"][task], fp32["per_task"][task]
+        assert set(b) == set(f)
+        for key in ("episodes", "goal_indices", "reset_seeds", "episode_lengths", "target_return"):
+            assert b[key] == f[key], key
+        for e in range(2):
+            reference, success, total = run_one_episode(model, task, e, seed, max_steps, precision="bf16")
+            batched = np.array(b["actions"][e], dtype=np.float32)
+            np.testing.assert_array_equal(batched, reference)  # batching changes no bit under bf16 either
+            assert b["successes"][e] == success and b["returns"][e] == pytest.approx(total, rel=1e-12)
+            # Same first observation: the first actions differ by bf16 rounding only (and do differ: bf16 was used).
+            first = np.abs(batched[0] - np.array(f["actions"][e][0], dtype=np.float32)).max()
+            assert 0 < first < 0.05
 
 
 def test_stop_on_success_ends_episodes_and_keeps_others_exact(model):
@@ -328,6 +357,23 @@ def test_policy_slots_active_subsets_and_resets(model):
     np.testing.assert_array_equal(fresh.act(obs[2][[1]])[0], restarted[0])
 
 
+def test_policy_precision_is_its_own_whatever_autocast_encloses_it(model):
+    """fp32 stays fp32 inside an enclosing bf16 autocast region (e.g. a training step's); bf16 is bf16 either way;
+    actions come back as float32."""
+    obs = np.random.default_rng(3).normal(size=(2, 39))
+
+    def first_actions(precision: str, enclosing_autocast: bool) -> np.ndarray:
+        policy = HarmoDTPolicy(model, precision=precision)
+        policy.reset(TWO_TASKS)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enclosing_autocast):
+            return policy.act(obs)
+
+    fp32, bf16 = first_actions("fp32", False), first_actions("bf16", False)
+    assert fp32.dtype == bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)
+    np.testing.assert_array_equal(first_actions("fp32", True), fp32)
+    np.testing.assert_array_equal(first_actions("bf16", True), bf16)
+
+
 def test_policy_bad_inputs(model):
     policy = HarmoDTPolicy(model)
     with pytest.raises(ValueError, match="door-open-v3.*not one of this model's"):
@@ -350,6 +396,16 @@ def test_policy_bad_inputs(model):
     unprompted.stored_prompt_attention_mask.zero_()
     with pytest.raises(ValueError, match="no stored prompt"):
         HarmoDTPolicy(unprompted).reset(["reach-v3"])
+
+
+def test_bad_precision_names_the_allowed_values(model):
+    for bad in ("fp16", "bfloat16", torch.bfloat16, None):
+        with pytest.raises(ValueError, match=r"precision must be one of \['bf16', 'fp32'\]"):
+            evaluate(model, tasks=TWO_TASKS, max_steps=2, num_workers=0, precision=bad)
+    with pytest.raises(ValueError, match=r"precision must be one of \['bf16', 'fp32'\], got 'half'"):
+        HarmoDTPolicy(model, precision="half")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SuccessRateCallback(precision="float32")
 
 
 def test_evaluate_bad_inputs(model):
@@ -436,11 +492,12 @@ def test_evaluate_cli_writes_results_and_plot(model, tmp_path):
     model.save_pretrained(tmp_path / "model")
     output = tmp_path / "out" / "results.json"
     argv = ["--model", str(tmp_path / "model"), "--tasks", "reach-v3,pick-place-v3", "--episodes", "2",
-            "--max-steps", "8", "--seed", "4", "--num-workers", "0", "--output", str(output)]  # fmt: skip
+            "--max-steps", "8", "--seed", "4", "--num-workers", "0", "--output", str(output),
+            "--precision", "bf16"]  # fmt: skip
     returned = cli.main(argv)
     saved = json.loads(output.read_text())
     assert saved == json.loads(json.dumps(returned))
-    assert saved["tasks"] == ["reach-v3", "pick-place-v3"] and saved["seed"] == 4
+    assert saved["tasks"] == ["reach-v3", "pick-place-v3"] and saved["seed"] == 4 and saved["precision"] == "bf16"
     assert saved["model"]["name_or_path"] == str(tmp_path / "model")
     assert all(entry["episode_lengths"] == [8, 8] for entry in saved["per_task"].values())
     assert output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
