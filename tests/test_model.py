@@ -190,6 +190,28 @@ def test_masked_weight_cache_gives_identical_actions(model):
         model.set_task_masks(masks)
 
 
+def test_masked_weight_cache_under_bf16_autocast_is_cast_once(model):
+    """Under bf16 autocast the cache holds bf16 masked weights, built at the first call and reused after (no cast per
+    call), with the same outputs as the uncached autocast forward."""
+    inputs = random_inputs(model.config, [2, 0, 1, 2], seed=8)
+    layer = model.transformer.h[0].mlp.c_fc
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _outputs(model, inputs)
+        model.cache_masked_weights(True)
+        try:
+            first = _outputs(model, inputs)
+            cached = dict(layer._weight_cache)
+            second = _outputs(model, inputs)
+            assert sorted(cached) == [0, 1, 2] and all(w.dtype == torch.bfloat16 for w in cached.values())
+            assert all(layer._weight_cache[t] is w for t, w in cached.items())  # reused, not rebuilt or recast
+        finally:
+            model.cache_masked_weights(False)
+    assert first.dtype == torch.bfloat16
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    assert not layer._weight_cache and "_bias_cache" not in dict(layer.named_parameters())
+
+
 def test_left_padding_does_not_change_real_steps(model):
     inputs = random_inputs(model.config, [1], seed=2)
     inputs["attention_mask"][:] = 1
