@@ -1,6 +1,8 @@
 """Batched evaluation vs the official-style sequential loop, and env-steps/s vs the simulator alone.
 
     python benchmarks/bench_eval.py --episodes 3 --max-steps 50 --threads 1
+    python benchmarks/bench_eval.py --episodes 3 --max-steps 50 --threads 1 --precision bf16
+    python benchmarks/bench_eval.py --device cuda --episodes 50 --max-steps 500 --precision bf16 --sequential-episodes 1
 
 Model: paper size (HarmoDTConfig defaults: 6 layers, d=256, K=20, prompt 5, harmony masks) for the 10 MT10 tasks,
 random weights and random stored prompts. Episodes: MT10 x ``--episodes``, ``--max-steps`` steps each, no stop on
@@ -10,6 +12,15 @@ batch-1 forward per step (HarmoDTPolicy with one slot, as the official Prompt-DT
 compared (max absolute difference). Then the same envs are stepped with zero actions in one process (the
 simulator's own limit). Torch uses ``--threads`` threads in every run (1: bit-identical actions; robust on a
 machine whose cores are shared).
+
+``--precision bf16`` also times the batched runs with ``evaluate(precision="bf16")`` (bf16 autocast); the fp32
+batched run and the sequential baseline (always the official fp32 batch-1 loop) stay, so the speed-ups of both
+precisions are printed. bf16 actions differ from the fp32 baseline's by reduced-precision rounding (the printed
+difference is expected to be non-zero); fp32 batched actions equal the baseline's on CPU at 1 thread.
+``--sequential-episodes N`` times the baseline on the first N episodes of each task only and extrapolates its wall
+time per env step to all episodes (every episode has exactly ``--max-steps`` steps; the per-task MT1 goal list is
+built once per task either way and counted once): for runs where the sequential loop would take too long.
+``--device cuda`` puts the model on the GPU (the environments stay on the CPU).
 """
 
 from __future__ import annotations
@@ -22,11 +33,11 @@ import numpy as np
 import torch
 
 from harmodt_hf import HarmoDTConfig, HarmoDTModel
-from harmodt_hf.evaluation import HarmoDTPolicy, episode_reset_seed, evaluate
+from harmodt_hf.evaluation import PRECISIONS, HarmoDTPolicy, episode_reset_seed, evaluate
 from harmodt_hf.tasks import MT10, _benchmark, make_env
 
 
-def paper_model(seed: int = 0) -> HarmoDTModel:
+def paper_model(seed: int = 0, device: str = "cpu") -> HarmoDTModel:
     torch.manual_seed(seed)
     model = HarmoDTModel(HarmoDTConfig(task_names=list(MT10))).eval()
     config, g = model.config, torch.Generator().manual_seed(seed)
@@ -40,14 +51,22 @@ def paper_model(seed: int = 0) -> HarmoDTModel:
             attention_mask=torch.ones(t, p, dtype=torch.long),
         )
     )
-    return model
+    return model.to(device)
 
 
-def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[float, dict]:
-    """The official-style loop: one episode at a time, batch-1 forward per step."""
-    start = time.perf_counter()
+def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[float, float, dict]:
+    """The official-style loop: one episode at a time, batch-1 forward per step.
+
+    Returns the wall time of the per-task setup (building each task's MT1 goal list, once per task), the wall time of
+    the episodes themselves (env construction included) and the actions.
+    """
+    setup = episodes_time = 0.0
     actions = {}
     for task in tasks:
+        start = time.perf_counter()
+        _benchmark(task, seed)  # what the task's first make_env would build
+        setup += time.perf_counter() - start
+        start = time.perf_counter()
         for e in range(episodes):
             policy = HarmoDTPolicy(model)
             policy.reset([task])
@@ -60,7 +79,8 @@ def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[
                 obs, reward, _, _, _ = env.step(action)
             actions[(task, e)] = np.array(taken)
             env.close()
-    return time.perf_counter() - start, actions
+        episodes_time += time.perf_counter() - start
+    return setup, episodes_time, actions
 
 
 def zero_action_steps(tasks, episodes: int, seed: int, max_steps: int) -> tuple[float, int]:
@@ -89,45 +109,103 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every run")
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="also time the batched runs at this precision (the fp32 batched run and the fp32 baseline stay)",
+    )
+    parser.add_argument(
+        "--sequential-episodes",
+        type=int,
+        default=None,
+        help="time the sequential baseline on the first N episodes per task and extrapolate per env step",
+    )
+    parser.add_argument("--device", default="cpu", help="model device (cpu, cuda, ...)")
     args = parser.parse_args()
+    seq_episodes = args.episodes if args.sequential_episodes is None else args.sequential_episodes
+    if not 1 <= seq_episodes <= args.episodes:
+        parser.error(f"--sequential-episodes must be in [1, --episodes={args.episodes}], got {seq_episodes}")
     torch.set_num_threads(args.threads)
     tasks = list(MT10)
-    model = paper_model()
+    model = paper_model(device=args.device)
     n_env_steps = len(tasks) * args.episodes * args.max_steps
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores, {args.device}")
     print(f"MT10 x {args.episodes} episodes x {args.max_steps} steps = {n_env_steps} env steps, paper-size model")
+    precisions = list(dict.fromkeys(["fp32", args.precision]))
 
     kwargs = dict(tasks=tasks, episodes_per_task=args.episodes, seed=args.seed, stop_on_success=False)
     # Warm-up: imports, first forwards, and the env workers' forkserver (started once per process).
-    evaluate(model, **kwargs, max_steps=2, num_workers=args.num_workers)
-    _benchmark.cache_clear()  # every timed run builds its environments (MT1 goal lists included)
-    results = evaluate(model, **kwargs, max_steps=args.max_steps, num_workers=args.num_workers, record_actions=True)
-    batched = results["wall_time_s"]
-    print(f"batched evaluate, {results['num_workers']} env workers: {batched:.2f} s", flush=True)
+    for precision in precisions:
+        evaluate(model, **kwargs, max_steps=2, num_workers=args.num_workers, precision=precision)
+    batched, local, actions = {}, {}, {}
+    for precision in precisions:
+        _benchmark.cache_clear()  # every timed run builds its environments (MT1 goal lists included)
+        results = evaluate(
+            model, **kwargs, max_steps=args.max_steps, num_workers=args.num_workers, record_actions=True,
+            precision=precision,
+        )  # fmt: skip
+        assert results["env_steps"] == n_env_steps and results["precision"] == precision
+        batched[precision], workers = results["wall_time_s"], results["num_workers"]
+        actions[precision] = {
+            (task, e): np.array(results["per_task"][task]["actions"][e], dtype=np.float32)
+            for task in tasks
+            for e in range(seq_episodes)
+        }
+        print(f"batched evaluate {precision}, {workers} env workers: {batched[precision]:.2f} s", flush=True)
+        if precision == args.precision:  # the in-process variant at the precision asked for only
+            _benchmark.cache_clear()
+            run = evaluate(model, **kwargs, max_steps=args.max_steps, num_workers=0, precision=precision)
+            local[precision] = run["wall_time_s"]
+            print(f"batched evaluate {precision}, envs in-process: {local[precision]:.2f} s", flush=True)
     _benchmark.cache_clear()
-    local = evaluate(model, **kwargs, max_steps=args.max_steps, num_workers=0)["wall_time_s"]
-    print(f"batched evaluate, envs in-process: {local:.2f} s", flush=True)
-    _benchmark.cache_clear()
-    seq_time, seq_actions = sequential(model, tasks, args.episodes, args.seed, args.max_steps)
-    print(f"sequential loop: {seq_time:.2f} s", flush=True)
-    batched_actions = {
-        (task, e): np.array(results["per_task"][task]["actions"][e], dtype=np.float32)
-        for task in tasks
-        for e in range(args.episodes)
+    seq_setup, seq_episodes_time, seq_actions = sequential(model, tasks, seq_episodes, args.seed, args.max_steps)
+    seq_measured = seq_setup + seq_episodes_time
+    seq_steps = len(tasks) * seq_episodes * args.max_steps
+    # Per-task setup once, the episodes scaled per env step (= seq_measured when every episode ran).
+    seq_time = seq_setup + seq_episodes_time * n_env_steps / seq_steps
+    extrapolated = seq_steps != n_env_steps
+    print(f"sequential loop ({seq_episodes} episode(s) per task): {seq_measured:.2f} s", flush=True)
+    max_diff = {
+        precision: max(float(np.abs(actions[precision][key] - seq_actions[key]).max()) for key in seq_actions)
+        for precision in precisions
     }
-    max_diff = max(float(np.abs(batched_actions[key] - seq_actions[key]).max()) for key in seq_actions)
     sim_time, sim_steps = zero_action_steps(tasks, args.episodes, args.seed, args.max_steps)
-    assert results["env_steps"] == sim_steps == n_env_steps
+    assert sim_steps == n_env_steps
 
-    workers = results["num_workers"]
+    def row(label: str, seconds: float, steps: int = n_env_steps) -> None:
+        print(f"{label:<48} {seconds:8.2f} s  {steps / seconds:8.1f} env steps/s")
+
     print()
-    print(f"sequential loop (batch-1 forward per step): {seq_time:8.2f} s  {n_env_steps / seq_time:8.1f} env steps/s")
-    print(f"batched evaluate, {workers} env workers:       {batched:8.2f} s  {n_env_steps / batched:8.1f} env steps/s")
-    print(f"batched evaluate, envs in-process:         {local:8.2f} s  {n_env_steps / local:8.1f} env steps/s")
-    print(f"zero-action env stepping (1 process):      {sim_time:8.2f} s  {sim_steps / sim_time:8.1f} env steps/s")
-    print(f"speed-up batched / sequential: {seq_time / batched:.2f}x (in-process envs: {seq_time / local:.2f}x)")
-    print(f"batched env-steps/s as a fraction of the simulator alone: {sim_time / batched:.3f}")
-    print(f"max |action difference| batched vs sequential over all steps: {max_diff:.3g}")
+    row("sequential loop, fp32 (batch-1 forward per step)", seq_time)
+    if extrapolated:
+        print(
+            f"  ^ EXTRAPOLATED: measured {seq_measured:.2f} s on the first {seq_episodes} of {args.episodes} episodes "
+            f"per task: {seq_setup:.2f} s per-task setup (MT1 goal lists, counted once) + {seq_episodes_time:.2f} s "
+            f"for {seq_steps} env steps, scaled per env step to all {n_env_steps}"
+        )
+    for precision in precisions:
+        row(f"batched evaluate {precision}, {workers} env workers", batched[precision])
+        if precision in local:
+            row(f"batched evaluate {precision}, envs in-process", local[precision])
+    row("zero-action env stepping (1 process)", sim_time, sim_steps)
+    note = " [sequential time extrapolated]" if extrapolated else ""
+    for precision in precisions:
+        line = f"speed-up batched {precision} / sequential fp32: {seq_time / batched[precision]:.2f}x"
+        if precision in local:
+            line += f" (in-process envs: {seq_time / local[precision]:.2f}x)"
+        print(line + note)
+    print(f"batched env-steps/s as a fraction of the simulator alone: {sim_time / min(batched.values()):.3f}")
+    for precision in precisions:
+        expected = (
+            "expected 0 on CPU at 1 thread"
+            if precision == "fp32"
+            else "NOT expected to be 0: reduced-precision rounding vs the fp32 baseline"
+        )
+        print(
+            f"max |action difference| batched {precision} vs sequential fp32 over all steps of the baseline's "
+            f"episodes: {max_diff[precision]:.3g} ({expected})"
+        )
 
 
 if __name__ == "__main__":
