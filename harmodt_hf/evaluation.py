@@ -176,9 +176,9 @@ def evaluate(
             that over an episode. 1 is also much faster on a machine whose cores are already busy.
         precision: ``"fp32"`` (default, as the official evaluation) or ``"bf16"``: the policy's forward then runs under
             ``torch.autocast(device, torch.bfloat16)`` with the masked weights cast to bf16 once (see
-            :class:`HarmoDTPolicy`). Several times faster on CPUs with AMX and on GPUs; actions differ from fp32 ones
-            in the third significant digit, which can change individual episodes. Episodes, seeds and result keys
-            are the same either way; the results record the precision.
+            :class:`HarmoDTPolicy`). About twice as fast per step on a CPU with AMX at the paper size; actions differ
+            from fp32 ones in the third significant digit, which can change individual episodes. Episodes, seeds
+            and result keys are the same either way; the results record the precision.
     """
     config = model.config
     task_names = resolve_tasks(tasks)

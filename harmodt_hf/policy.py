@@ -30,9 +30,9 @@ class HarmoDTPolicy:
     The policy does not change the model's train/eval mode: call ``model.eval()`` first (``evaluate`` does).
 
     ``precision="fp32"`` (the default, as the official evaluation) runs the model in its own dtype with autocast off;
-    ``"bf16"`` runs its forward under ``torch.autocast(device_type, torch.bfloat16)`` (several times faster on CPUs
-    with AMX and on GPUs; actions then differ from fp32 ones in the third significant digit). Either way the
-    context window is kept in the model's dtype and :meth:`act` returns float32 actions.
+    ``"bf16"`` runs its forward under ``torch.autocast(device_type, torch.bfloat16)`` (about twice as fast per step
+    on a CPU with AMX at the paper size; actions then differ from fp32 ones in the third significant digit). Either
+    way the context window is kept in the model's dtype and :meth:`act` returns float32 actions.
 
     Example::
 
