@@ -4,14 +4,14 @@
     python benchmarks/bench_eval.py --episodes 3 --max-steps 50 --threads 1 --precision bf16
     python benchmarks/bench_eval.py --device cuda --episodes 50 --max-steps 500 --precision bf16 --sequential-episodes 1
 
-Model: paper size (HarmoDTConfig defaults: 6 layers, d=256, K=20, prompt 5, harmony masks) for the 10 MT10 tasks,
-random weights and random stored prompts. Episodes: MT10 x ``--episodes``, ``--max-steps`` steps each, no stop on
-success in either run, so both do exactly the same env steps and forwards. Baseline: one episode after another, a
-batch-1 forward per step (HarmoDTPolicy with one slot, as the official Prompt-DT loop does). The batched run is
-``harmodt_hf.evaluation.evaluate``. Both wall times include building the environments. The actions of both runs are
-compared (max absolute difference). Then the same envs are stepped with zero actions in one process (the
-simulator's own limit). Torch uses ``--threads`` threads in every run (1: bit-identical actions; robust on a
-machine whose cores are shared).
+Model: paper size (HarmoDTConfig defaults: 6 layers, d=256, K=20, prompt 5, harmony masks) for the ``--tasks`` (MT10
+by default), random weights and random stored prompts. Episodes: tasks x ``--episodes``, ``--max-steps`` steps each,
+no stop on success in either run, so both do exactly the same env steps and forwards. Baseline: one episode after
+another, a batch-1 forward per step (HarmoDTPolicy with one slot, as the official Prompt-DT loop does).
+The batched run is ``harmodt_hf.evaluation.evaluate``. Both wall times include building the environments.
+The actions of both runs are compared (max absolute difference). Then the same envs are stepped with zero
+actions in one process (the simulator's own limit). Torch uses ``--threads`` threads in every run (1:
+bit-identical actions; robust on a machine whose cores are shared).
 
 ``--precision bf16`` also times the batched runs with ``evaluate(precision="bf16")`` (bf16 autocast); the fp32
 batched run and the sequential baseline (always the official fp32 batch-1 loop) stay, so the speed-ups of both
@@ -20,7 +20,9 @@ difference is expected to be non-zero); fp32 batched actions equal the baseline'
 ``--sequential-episodes N`` times the baseline on the first N episodes of each task only and extrapolates its wall
 time per env step to all episodes (every episode has exactly ``--max-steps`` steps; the per-task MT1 goal list is
 built once per task either way and counted once): for runs where the sequential loop would take too long.
-``--device cuda`` puts the model on the GPU (the environments stay on the CPU).
+``--device cuda`` puts the model on the GPU (the environments stay on the CPU). ``--no-in-process`` skips the
+batched run with in-process environments (long for many episodes). The zero-action rate is measured on the
+baseline's episodes.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ import torch
 
 from harmodt_hf import HarmoDTConfig, HarmoDTModel
 from harmodt_hf.evaluation import PRECISIONS, HarmoDTPolicy, episode_reset_seed, evaluate
-from harmodt_hf.tasks import MT10, _benchmark, make_env
+from harmodt_hf.tasks import _benchmark, make_env, resolve_tasks
 
 
-def paper_model(seed: int = 0, device: str = "cpu") -> HarmoDTModel:
+def paper_model(tasks: list[str], seed: int = 0, device: str = "cpu") -> HarmoDTModel:
     torch.manual_seed(seed)
-    model = HarmoDTModel(HarmoDTConfig(task_names=list(MT10))).eval()
+    model = HarmoDTModel(HarmoDTConfig(task_names=list(tasks))).eval()
     config, g = model.config, torch.Generator().manual_seed(seed)
     t, p = config.num_tasks, config.prompt_length
     model.set_task_prompts(
@@ -122,16 +124,24 @@ def main() -> None:
         help="time the sequential baseline on the first N episodes per task and extrapolate per env step",
     )
     parser.add_argument("--device", default="cpu", help="model device (cpu, cuda, ...)")
+    parser.add_argument("--tasks", default="mt10", help="task set (mt5, mt10, mt30, mt50) or comma-separated names")
+    parser.add_argument(
+        "--in-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the batched run with the environments in the main process",
+    )
     args = parser.parse_args()
     seq_episodes = args.episodes if args.sequential_episodes is None else args.sequential_episodes
     if not 1 <= seq_episodes <= args.episodes:
         parser.error(f"--sequential-episodes must be in [1, --episodes={args.episodes}], got {seq_episodes}")
     torch.set_num_threads(args.threads)
-    tasks = list(MT10)
-    model = paper_model(device=args.device)
+    tasks = resolve_tasks(args.tasks if "," not in args.tasks else args.tasks.split(","))
+    model = paper_model(tasks, device=args.device)
     n_env_steps = len(tasks) * args.episodes * args.max_steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores, {args.device}")
-    print(f"MT10 x {args.episodes} episodes x {args.max_steps} steps = {n_env_steps} env steps, paper-size model")
+    shape = f"{len(tasks)} tasks x {args.episodes} episodes x {args.max_steps} steps"
+    print(f"{shape} = {n_env_steps} env steps, paper-size model")
     precisions = list(dict.fromkeys(["fp32", args.precision]))
 
     kwargs = dict(tasks=tasks, episodes_per_task=args.episodes, seed=args.seed, stop_on_success=False)
@@ -153,7 +163,7 @@ def main() -> None:
             for e in range(seq_episodes)
         }
         print(f"batched evaluate {precision}, {workers} env workers: {batched[precision]:.2f} s", flush=True)
-        if precision == args.precision:  # the in-process variant at the precision asked for only
+        if precision == args.precision and args.in_process:  # the in-process variant at the asked precision only
             _benchmark.cache_clear()
             run = evaluate(model, **kwargs, max_steps=args.max_steps, num_workers=0, precision=precision)
             local[precision] = run["wall_time_s"]
@@ -170,8 +180,9 @@ def main() -> None:
         precision: max(float(np.abs(actions[precision][key] - seq_actions[key]).max()) for key in seq_actions)
         for precision in precisions
     }
-    sim_time, sim_steps = zero_action_steps(tasks, args.episodes, args.seed, args.max_steps)
-    assert sim_steps == n_env_steps
+    # The simulator alone, on the baseline's episodes (a rate: env steps/s of one process).
+    sim_time, sim_steps = zero_action_steps(tasks, seq_episodes, args.seed, args.max_steps)
+    assert sim_steps == seq_steps
 
     def row(label: str, seconds: float, steps: int = n_env_steps) -> None:
         print(f"{label:<48} {seconds:8.2f} s  {steps / seconds:8.1f} env steps/s")
@@ -195,7 +206,9 @@ def main() -> None:
         if precision in local:
             line += f" (in-process envs: {seq_time / local[precision]:.2f}x)"
         print(line + note)
-    print(f"batched env-steps/s as a fraction of the simulator alone: {sim_time / min(batched.values()):.3f}")
+    sim_rate = sim_steps / sim_time
+    fraction = n_env_steps / min(batched.values()) / sim_rate
+    print(f"batched env-steps/s as a fraction of the simulator alone (1 process): {fraction:.3f}")
     for precision in precisions:
         expected = (
             "expected 0 on CPU at 1 thread"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (device tool; see benchmarks/prepare_gpu_run.sh). Installs only carried wheels, no network.
-# Paper-size HarmoDT-F vs Prompt-DT on MT50 with bf16 autocast: samples/s, peak GPU memory, mask update time,
-# and a short MT50 evaluation; the compact table is printed last.
-set -euo pipefail
+#   1. bench_eval on MT50 x 10 episodes (the official episode count) with the model on the GPU: batched evaluation
+#      (fp32 and bf16) vs the official-style batch-1 loop, timed on 1 episode per task and extrapolated;
+#   2. gpu_bench: paper-size HarmoDT-F vs Prompt-DT training samples/s (bf16 autocast), peak memory, mask update.
+# Each part has its own time limit, and its log is written to $OUT as it runs.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -10,14 +12,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-export MUJOCO_GL=egl PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}
 DATA=${DATA:-data/mt50-small}
+EVAL_STEPS=${EVAL_STEPS:-300}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, \
+accelerate.__version__, torch.cuda.is_available())" 2>&1 | tee "$OUT/versions.txt"
+timeout "${EVAL_LIMIT_S:-260}" python3 benchmarks/bench_eval.py --device cuda --tasks mt50 --episodes 10 \
+  --max-steps "$EVAL_STEPS" --sequential-episodes 1 --no-in-process --precision bf16 --num-workers 14 --threads 2 \
+  2>&1 | tee "$OUT/bench_eval_gpu.log"
 if [ ! -d "$DATA" ]; then
   python3 dataset_scripts/generate_metaworld.py --tasks mt50 --episodes-per-task 2 --output "$DATA" \
     --num-workers 14 --no-progress
 fi
-python3 benchmarks/gpu_bench.py --dataset "$DATA" --budget-s "${BUDGET_S:-45}" --eval-episodes 1 --eval-steps 200 \
-  --eval-workers 14 --output "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"
+timeout "${TRAIN_LIMIT_S:-220}" python3 benchmarks/gpu_bench.py --dataset "$DATA" --budget-s "${BUDGET_S:-12}" \
+  --eval-episodes 0 --output "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare the GPU check (run HERE, with network to PyPI): Python 3.12 wheels the device image lacks go to .whl/
 # (git-ignored via .git/info/exclude) and a small MT50 dataset to data/mt50-small. Then, with the device tool:
-#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl", "data/mt50-small"], timeout_s=540)
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl", "data/mt50-small"], timeout_s=560)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
