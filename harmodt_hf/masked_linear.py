@@ -31,6 +31,25 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# How the task groups are multiplied: "loop" (one matmul per group; the CPU default, lowest memory), "batched" (one
+# batched matmul over all groups when they have equal sizes; the default on accelerators, where a Python loop over 50
+# groups is launch-bound) or "auto" (batched off the CPU).
+GROUP_MATMUL_MODES = ("auto", "loop", "batched")
+
+
+def _use_batched_groups(mode: str, x: torch.Tensor, group_sizes: Sequence[int]) -> bool:
+    if mode not in GROUP_MATMUL_MODES:
+        raise ValueError(f"group_matmul must be one of {GROUP_MATMUL_MODES}, got {mode!r}")
+    if len(group_sizes) < 2 or len(set(group_sizes)) != 1:
+        return False
+    return mode == "batched" or (mode == "auto" and x.device.type != "cpu")
+
+
+def _masked_group_weights(weight: torch.Tensor, masks: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+    """``(G, out, in)``: ``W ⊙ M[t_g]`` for every group, in three kernels whatever the number of groups."""
+    return masks.index_select(0, task_index).view(torch.uint8).to(weight.dtype).mul_(weight)
+
+
 class _GroupedMaskedLinear(torch.autograd.Function):
     """``y[g] = x[g] @ (W ⊙ M[t_g])ᵀ + b`` for contiguous task groups ``g``.
 
@@ -45,11 +64,25 @@ class _GroupedMaskedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes, task_grad_sink=None):  # noqa: D102
+    def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes, task_grad_sink=None, mode="auto"):  # noqa: D102
         dtype = _compute_dtype(x)
         x_c = x.to(dtype)
         weight_c = weight.to(dtype)
         bias_c = bias.to(dtype) if bias is not None else None
+        ctx.batched = _use_batched_groups(mode, x, group_sizes)
+        if ctx.batched:  # equal groups: one batched matmul, all masked weights kept for backward
+            task_index = torch.tensor(group_tasks, device=x.device)
+            w_groups = _masked_group_weights(weight_c, masks, task_index)
+            x3 = x_c.reshape(len(group_tasks), -1, x.shape[-1])
+            out = x_c.new_empty(*x.shape[:-1], weight.shape[0])  # returned as a base tensor, not a view
+            torch.bmm(x3, w_groups.transpose(1, 2), out=out.view(len(group_tasks), -1, weight.shape[0]))
+            if bias_c is not None:
+                out.add_(bias_c)
+            ctx.save_for_backward(x_c, weight_c, masks, task_index, w_groups)
+            ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+            ctx.has_bias = bias is not None
+            ctx.task_grad_sink = task_grad_sink
+            return out
         # Mask-gradient passes (a sink, no optimizer step) and one-group batches keep the masked weights for backward;
         # training on several groups builds one masked weight at a time and rebuilds it in backward.
         keep = task_grad_sink is not None or len(group_tasks) == 1
@@ -77,6 +110,8 @@ class _GroupedMaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
+        if ctx.batched:
+            return _GroupedMaskedLinear._batched_backward(ctx, grad_out)
         x_c, weight_c, masks = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         grad_rows = grad_out.to(x_c.dtype).reshape(-1, grad_out.shape[-1])
@@ -101,7 +136,29 @@ class _GroupedMaskedLinear(torch.autograd.Function):
             # A vector-matrix product sums the rows several times faster on CPU than ``sum(0)`` (same as autocast's
             # own bias gradient in reduced precision: accumulated in float32, rounded to the compute dtype).
             grad_bias = (grad_rows.new_ones(grad_rows.shape[0]) @ grad_rows).to(ctx.weight_dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+    @staticmethod
+    def _batched_backward(ctx, grad_out):
+        x_c, weight_c, masks, task_index, w_groups = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        groups = w_groups.shape[0]
+        g3 = grad_out.to(x_c.dtype).reshape(groups, -1, grad_out.shape[-1])
+        x3 = x_c.reshape(groups, -1, x_c.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(g3, w_groups).view(x_c.shape).to(ctx.input_dtype)
+        sink = ctx.task_grad_sink
+        if sink is not None or ctx.needs_input_grad[1]:
+            per_group = torch.bmm(g3.transpose(1, 2), x3)  # (G, out, in): each group's effective-weight gradient
+            if sink is not None:
+                sink.index_add_(0, task_index, per_group.to(sink.dtype))
+            else:
+                factor = masks.index_select(0, task_index).view(torch.uint8).to(ctx.weight_dtype)
+                grad_weight = factor.mul_(per_group.to(ctx.weight_dtype)).sum(dim=0)
+        if ctx.has_bias and ctx.needs_input_grad[2] and sink is None:
+            rows = g3.reshape(-1, g3.shape[-1])
+            grad_bias = (rows.new_ones(rows.shape[0]) @ rows).to(ctx.weight_dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 class TaskGroups:
@@ -129,6 +186,8 @@ class MaskedLinear(nn.Module):
     # "recompute": custom autograd that rebuilds W ⊙ M in backward (kept: fastest in benchmarks/bench_model.py);
     # "autograd": plain F.linear per group through autograd (kept for the benchmark's comparison).
     implementation: str = "recompute"
+    # See GROUP_MATMUL_MODES.
+    group_matmul: str = "auto"
 
     def __init__(self, in_features: int, out_features: int, num_tasks: int, masked: bool, bias: bool = True) -> None:
         super().__init__()
@@ -148,7 +207,7 @@ class MaskedLinear(nn.Module):
         # Inference only (see HarmoDTModel.cache_masked_weights): task -> W ⊙ M[task] and the bias, in the compute
         # dtype, valid for ``_weight_key``.
         self.cache_masked_weights = False
-        self._weight_cache: dict[int, torch.Tensor] = {}
+        self._weight_cache: dict[int | str, torch.Tensor] = {}
         self._bias_cache: torch.Tensor | None = None
         self._weight_key: tuple | None = None
 
@@ -199,9 +258,25 @@ class MaskedLinear(nn.Module):
             self._weight_cache[task] = apply_mask(self.weight.to(dtype), self.task_masks()[task])
         return self._weight_cache[task], self._bias_cache
 
+    def _cached_stacked_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All tasks' masked weights ``(T, out, in)`` in ``dtype`` (kept like the per-task cache; inference only)."""
+        _, bias = self._cached_masked_weight(0, dtype)  # validates the cache key
+        if "stacked" not in self._weight_cache:
+            weight = self.weight.detach().to(dtype)
+            self._weight_cache["stacked"] = self.task_masks().view(torch.uint8).to(dtype).mul_(weight)
+        return self._weight_cache["stacked"], bias
+
     def _cached_forward(self, x: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
         """No-grad forward on the cached masked weights, each group's product written into one output."""
         dtype = _compute_dtype(x)
+        if _use_batched_groups(self.group_matmul, x, groups.sizes):
+            stacked, bias = self._cached_stacked_weights(dtype)
+            task_index = torch.tensor(groups.tasks, device=x.device)
+            x3 = x.to(dtype).reshape(len(groups.tasks), -1, self.in_features)
+            out3 = torch.bmm(x3, stacked.index_select(0, task_index).transpose(1, 2))
+            if bias is not None:
+                out3.add_(bias)
+            return out3.view(*x.shape[:-1], self.out_features)
         rows_in = x.to(dtype).reshape(-1, self.in_features)
         out = rows_in.new_empty(*x.shape[:-1], self.out_features)
         rows_out = out.view(-1, self.out_features)
@@ -232,7 +307,7 @@ class MaskedLinear(nn.Module):
             out = torch.cat(outputs)
             return out + self.bias if self.bias is not None else out
         return _GroupedMaskedLinear.apply(
-            x, self.weight, self.bias, masks, groups.tasks, groups.sizes, self.task_grad_sink
+            x, self.weight, self.bias, masks, groups.tasks, groups.sizes, self.task_grad_sink, self.group_matmul
         )
 
     def extra_repr(self) -> str:

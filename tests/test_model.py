@@ -276,6 +276,52 @@ def test_task_grad_sink_holds_each_tasks_effective_weight_gradient():
         assert sum(s[2].abs().sum() for s in sinks.values()) == 0  # task 2 had no samples
 
 
+def _set_group_matmul(model: HarmoDTModel, mode: str) -> None:
+    for layer in model.masked_layers().values():
+        layer.group_matmul = mode
+
+
+def test_batched_group_matmul_equals_the_loop():
+    """The accelerator path (one batched matmul over equal task groups) gives the loop's outputs, weight, bias and
+    input gradients, per-task sink gradients and cached inference outputs."""
+    torch.manual_seed(0)
+    model = HarmoDTModel(tiny_config()).train()
+    inputs = random_inputs(model.config, [0, 0, 1, 1, 2, 2], seed=5)
+    results = {}
+    for mode in ("loop", "batched"):
+        _set_group_matmul(model, mode)
+        model.zero_grad()
+        out = model(**inputs, return_loss=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        layers = model.masked_layers()
+        for layer in layers.values():
+            layer.task_grad_sink = torch.zeros(3, *layer.weight.shape)
+        loss = model(**inputs, return_loss=True).loss
+        torch.autograd.grad(loss, [layer.weight for layer in layers.values()], allow_unused=True)
+        sinks = {name: layer.task_grad_sink for name, layer in layers.items()}
+        for layer in layers.values():
+            layer.task_grad_sink = None
+        model.eval().cache_masked_weights(True)
+        cached = _outputs(model, inputs)
+        model.cache_masked_weights(False)
+        model.train()
+        results[mode] = (out.action_preds.detach(), grads, sinks, cached)
+    _set_group_matmul(model, "auto")
+    (preds, grads, sinks, cached), (preds_b, grads_b, sinks_b, cached_b) = results["loop"], results["batched"]
+    torch.testing.assert_close(preds_b, preds, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cached_b, cached, atol=1e-6, rtol=1e-5)
+    assert grads_b.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_b[name], grads[name], atol=1e-6, rtol=1e-4)
+    for name in sinks:
+        torch.testing.assert_close(sinks_b[name], sinks[name], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="group_matmul"):
+        _set_group_matmul(model, "bmm")
+        model(**inputs)
+    _set_group_matmul(model, "auto")
+
+
 def test_loss_is_masked_mse(model):
     inputs = random_inputs(model.config, [0, 1])
     out = model(**inputs, return_loss=True)
