@@ -232,7 +232,11 @@ class MaskedLinear(nn.Module):
         expected = (self.num_tasks, self.out_features, self.in_features)
         if tuple(masks.shape) != expected:
             raise ValueError(f"masks must have shape {expected}, got {tuple(masks.shape)}")
-        self.packed_masks.copy_(pack_masks(masks.to(device=self.packed_masks.device, dtype=torch.bool)))
+        masks = masks.to(device=self.packed_masks.device, dtype=torch.bool).contiguous()
+        buffer = self.packed_masks
+        buffer.copy_(pack_masks(masks))
+        # The unpacked cache is these masks: no need to unpack the new buffer again (keyed like task_masks()).
+        self._mask_cache = ((id(buffer), buffer._version, buffer.device, buffer.data_ptr()), masks.clone())
 
     def drop_weight_cache(self) -> None:
         """Forget the inference cache of masked weights (see ``cache_masked_weights``)."""
