@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,24 @@ def _masked_group_weights(weight: torch.Tensor, masks: torch.Tensor, task_index:
     return masks.index_select(0, task_index).view(torch.uint8).to(weight.dtype).mul_(weight)
 
 
+def _grouped_linear(
+    x: torch.Tensor, weights: Iterable[torch.Tensor], bias: torch.Tensor | None, group_sizes: Sequence[int], out: int
+) -> torch.Tensor:
+    """``x[g] @ weights[g]ᵀ + bias`` for contiguous groups of ``group_sizes`` samples, each written into one output."""
+    result = x.new_empty(*x.shape[:-1], out)
+    rows_in, rows_out = x.reshape(-1, x.shape[-1]), result.view(-1, out)
+    per_row = math.prod(x.shape[1:-1])  # rows per sample (tokens)
+    start = 0
+    for size, weight in zip(group_sizes, weights, strict=True):
+        stop = start + size * per_row
+        if bias is not None:
+            torch.addmm(bias, rows_in[start:stop], weight.T, out=rows_out[start:stop])
+        else:
+            torch.mm(rows_in[start:stop], weight.T, out=rows_out[start:stop])
+        start = stop
+    return result
+
+
 class _GroupedMaskedLinear(torch.autograd.Function):
     """``y[g] = x[g] @ (W ⊙ M[t_g])ᵀ + b`` for contiguous task groups ``g``.
 
@@ -88,17 +107,8 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         keep = task_grad_sink is not None or len(group_tasks) == 1
         masked = [apply_mask(weight_c, masks[task]) for task in group_tasks] if keep else None
         weights = masked if masked is not None else (apply_mask(weight_c, masks[task]) for task in group_tasks)
-        out = x_c.new_empty(*x.shape[:-1], weight.shape[0])
-        rows_in, rows_out = x_c.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
-        per_row = rows_in.shape[0] // x.shape[0]
-        start = 0
-        for size, w in zip(group_sizes, weights, strict=True):
-            stop = start + size * per_row
-            if bias_c is not None:
-                torch.addmm(bias_c, rows_in[start:stop], w.T, out=rows_out[start:stop])
-            else:
-                torch.mm(rows_in[start:stop], w.T, out=rows_out[start:stop])
-            start = stop
+        out = _grouped_linear(x_c, weights, bias_c, group_sizes, weight.shape[0])
+        per_row = math.prod(x.shape[1:-1])  # rows per sample (tokens)
         ctx.save_for_backward(x_c, weight_c, masks)
         ctx.group_tasks = group_tasks
         ctx.rows = [size * per_row for size in group_sizes]
@@ -281,20 +291,9 @@ class MaskedLinear(nn.Module):
             if bias is not None:
                 out3.add_(bias)
             return out3.view(*x.shape[:-1], self.out_features)
-        rows_in = x.to(dtype).reshape(-1, self.in_features)
-        out = rows_in.new_empty(*x.shape[:-1], self.out_features)
-        rows_out = out.view(-1, self.out_features)
-        per_row = rows_in.shape[0] // x.shape[0] if x.shape[0] else 0
-        start = 0
-        for size, task in zip(groups.sizes, groups.tasks, strict=True):
-            weight, bias = self._cached_masked_weight(task, dtype)
-            stop = start + size * per_row
-            if bias is not None:
-                torch.addmm(bias, rows_in[start:stop], weight.T, out=rows_out[start:stop])
-            else:
-                torch.mm(rows_in[start:stop], weight.T, out=rows_out[start:stop])
-            start = stop
-        return out
+        weights = (self._cached_masked_weight(task, dtype)[0] for task in groups.tasks)
+        bias = self._cached_masked_weight(groups.tasks[0], dtype)[1] if groups.tasks else None
+        return _grouped_linear(x.to(dtype), weights, bias, groups.sizes, self.out_features)
 
     def forward(self, x: torch.Tensor, groups: TaskGroups | None = None) -> torch.Tensor:
         if self.packed_masks is None or groups is None:
