@@ -65,6 +65,7 @@ def test_harmony_run_moves_masks_keeps_density_and_learns(generated_dataset, tmp
     [
         ("harmodt-f", ["--update_rule", "reference", "--task_sampling", "round_robin", "--per_device_train_batch_size",
                        "4"]),
+        ("harmodt-f", ["--bf16", "true"]),  # bf16 autocast on CPU, mask gradients included
         ("harmodt-m", []),
         ("harmodt-r", []),
         ("prompt-dt", []),
@@ -80,6 +81,8 @@ def test_variants_train_and_load(generated_dataset, tmp_path, variant, extra):
     if variant in ("harmodt-f", "harmodt-m"):
         assert len(summary["mask_history"]) == 2 and summary["mask_history"][0]["mask/k"] > 0
         assert len({r["hash"] for r in summary["mask_history"]}) == 2
+        losses = [v for r in summary["mask_history"] for k, v in r.items() if k.startswith("mask/loss/")]
+        assert losses and all(0 < v < 10 for v in losses)
     else:
         assert summary["mask_history"] == []
     if variant == "harmodt-r":  # fixed random masks: exactly the ERK draw of a fresh model
