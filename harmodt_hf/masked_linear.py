@@ -252,10 +252,9 @@ class MaskedLinear(nn.Module):
         """Forget the inference cache of masked weights (see ``cache_masked_weights``)."""
         self._weight_cache, self._bias_cache, self._weight_key = {}, None, None
 
-    def _cached_masked_weight(self, task: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W ⊙ M[task], b)`` in the compute ``dtype``, kept between calls while neither the weight, the bias nor
-        the masks change and the dtype stays the same (inference only): under autocast the masked weights are cast
-        once, not at every call."""
+    def _valid_weight_cache(self, dtype: torch.dtype) -> dict[int | str, torch.Tensor]:
+        """The inference cache of masked weights in the compute ``dtype``, emptied first if the weight, the bias, the
+        masks or the dtype changed since it was filled (checked once per call, not once per task group)."""
         bias = self.bias
         key = (
             self.weight._version,
@@ -268,17 +267,26 @@ class MaskedLinear(nn.Module):
         if key != self._weight_key:
             self._weight_cache, self._weight_key = {}, key
             self._bias_cache = bias.detach().to(dtype) if bias is not None else None  # a tensor, not a Parameter
-        if task not in self._weight_cache:
-            self._weight_cache[task] = apply_mask(self.weight.to(dtype), self.task_masks()[task])
-        return self._weight_cache[task], self._bias_cache
+        return self._weight_cache
+
+    def _cached_masked_weight(self, task: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W ⊙ M[task], b)`` in the compute ``dtype``, kept between calls while neither the weight, the bias nor
+        the masks change and the dtype stays the same (inference only): under autocast the masked weights are cast
+        once, not at every call."""
+        return self._task_weight(self._valid_weight_cache(dtype), task, dtype), self._bias_cache
+
+    def _task_weight(self, cache: dict[int | str, torch.Tensor], task: int, dtype: torch.dtype) -> torch.Tensor:
+        if task not in cache:
+            cache[task] = apply_mask(self.weight.detach().to(dtype), self.task_masks()[task])
+        return cache[task]
 
     def _cached_stacked_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """All tasks' masked weights ``(T, out, in)`` in ``dtype`` (kept like the per-task cache; inference only)."""
-        _, bias = self._cached_masked_weight(0, dtype)  # validates the cache key
-        if "stacked" not in self._weight_cache:
+        cache = self._valid_weight_cache(dtype)
+        if "stacked" not in cache:
             weight = self.weight.detach().to(dtype)
-            self._weight_cache["stacked"] = self.task_masks().view(torch.uint8).to(dtype).mul_(weight)
-        return self._weight_cache["stacked"], bias
+            cache["stacked"] = self.task_masks().view(torch.uint8).to(dtype).mul_(weight)
+        return cache["stacked"], self._bias_cache
 
     def _cached_forward(self, x: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
         """No-grad forward on the cached masked weights, each group's product written into one output."""
@@ -291,9 +299,9 @@ class MaskedLinear(nn.Module):
             if bias is not None:
                 out3.add_(bias)
             return out3.view(*x.shape[:-1], self.out_features)
-        weights = (self._cached_masked_weight(task, dtype)[0] for task in groups.tasks)
-        bias = self._cached_masked_weight(groups.tasks[0], dtype)[1] if groups.tasks else None
-        return _grouped_linear(x.to(dtype), weights, bias, groups.sizes, self.out_features)
+        cache = self._valid_weight_cache(dtype)
+        weights = (self._task_weight(cache, task, dtype) for task in groups.tasks)
+        return _grouped_linear(x.to(dtype), weights, self._bias_cache, groups.sizes, self.out_features)
 
     def forward(self, x: torch.Tensor, groups: TaskGroups | None = None) -> torch.Tensor:
         if self.packed_masks is None or groups is None:
