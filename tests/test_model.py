@@ -281,9 +281,14 @@ def _set_group_matmul(model: HarmoDTModel, mode: str) -> None:
         layer.group_matmul = mode
 
 
-def test_batched_group_matmul_equals_the_loop():
+def test_batched_group_matmul_equals_the_loop(monkeypatch):
     """The accelerator path (one batched matmul over equal task groups) gives the loop's outputs, weight, bias and
     input gradients, per-task sink gradients and cached inference outputs."""
+    from harmodt_hf import masked_linear
+
+    decisions = []
+    choose = masked_linear._use_batched_groups
+    monkeypatch.setattr(masked_linear, "_use_batched_groups", lambda *a: decisions.append(choose(*a)) or decisions[-1])
     torch.manual_seed(0)
     model = HarmoDTModel(tiny_config()).train()
     inputs = random_inputs(model.config, [0, 0, 1, 1, 2, 2], seed=5)
@@ -307,6 +312,8 @@ def test_batched_group_matmul_equals_the_loop():
         model.cache_masked_weights(False)
         model.train()
         results[mode] = (out.action_preds.detach(), grads, sinks, cached)
+        assert decisions and all(d == (mode == "batched") for d in decisions)  # the path under test was taken
+        decisions.clear()
     _set_group_matmul(model, "auto")
     (preds, grads, sinks, cached), (preds_b, grads_b, sinks_b, cached_b) = results["loop"], results["batched"]
     torch.testing.assert_close(preds_b, preds, atol=1e-6, rtol=1e-5)
