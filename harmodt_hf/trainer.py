@@ -6,7 +6,7 @@ move a task's masked-out weights.
 
 Outer step (``mask_mode="harmony"``), after the optimizer step when ``global_step % mask_update_interval == 0``:
 per-task gradients on fresh batches → agreement / importance scores → prune k active, regrow k inactive weights per
-task (``harmodt_hf.masks``). Gradients are averaged over processes and the new masks are broadcast from process 0,
+task (``harmodt_hf.mask_update``). Gradients are averaged over processes and the new masks are broadcast from process 0,
 so every process holds identical masks (checked by hash after every update when several processes run).
 """
 
@@ -23,6 +23,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from . import mask_update
 from . import masks as mask_math
 from .modeling_harmodt import HarmoDTModel
 from .segments import SegmentDataset, collate_segments
@@ -269,7 +270,7 @@ class HarmoDTTrainer(Trainer):
         model = self.harmodt
         args = self.args
         total = args.eta_total_steps or self.state.max_steps
-        k = mask_math.prune_count(self.state.global_step, total, args.eta_min, args.eta_max, args.eta_schedule)
+        k = mask_update.prune_count(self.state.global_step, total, args.eta_min, args.eta_max, args.eta_schedule)
         was_training = model.training
         train_mode = args.mask_grad_train_mode
         model.train(args.update_rule == "reference" if train_mode is None else train_mode)
@@ -292,12 +293,12 @@ class HarmoDTTrainer(Trainer):
                     self._clip_task_grads(grads)
                     params = {name: model.get_parameter(name) for name in body_names}
                     # The gradients are ours: overwriting them saves a (T, *shape) buffer per parameter.
-                    new_masks, stats = mask_math.harmony_prune_regrow(
+                    new_masks, stats = mask_update.harmony_prune_regrow(
                         model.get_task_masks(), grads, params, k, args.gamma, args.score, overwrite_grads=True
                     )
                 else:
                     params = dict(model.named_parameters())
-                    new_all, stats = mask_math.reference_prune_regrow(
+                    new_all, stats = mask_update.reference_prune_regrow(
                         self._reference_masks_all(), grads, params, k, args.gamma, args.score
                     )
                     new_masks = {name: new_all[name] for name in body_names}

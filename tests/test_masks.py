@@ -1,4 +1,4 @@
-"""Tests for harmodt_hf.masks: the outer loop's mathematics."""
+"""Tests for harmodt_hf.masks and harmodt_hf.mask_update: the masks and the outer loop's mathematics."""
 
 from __future__ import annotations
 
@@ -8,21 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from harmodt_hf.masks import (
+from harmodt_hf.mask_update import (
     _official_mean_gradient,
     agreement_scores,
-    erk_densities,
-    erk_masks,
     harmony_prune_regrow,
     harmony_scores,
     importance_scores,
+    prune_count,
+    reference_prune_regrow,
+    select_prune_regrow,
+)
+from harmodt_hf.masks import (
+    erk_densities,
+    erk_masks,
     mask_density,
     merged_mask,
     pack_masks,
     pairwise_iou,
-    prune_count,
-    reference_prune_regrow,
-    select_prune_regrow,
     unpack_masks,
 )
 
