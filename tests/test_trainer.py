@@ -110,6 +110,26 @@ def test_round_robin_leaves_other_tasks_weights_untouched(generated_dataset, tmp
     assert moved > 0
 
 
+@pytest.mark.parametrize(
+    "rule, flag, expected",
+    [("harmony", None, False), ("reference", None, True), ("harmony", "true", True), ("reference", "false", False)],
+)
+def test_mask_gradient_mode_defaults_to_eval_for_harmony(generated_dataset, tmp_path, rule, flag, expected):
+    """Mask gradients: eval mode (no dropout) by default for 'harmony', train mode for 'reference'; the flag wins.
+    The model is back in train mode afterwards."""
+    extra = ["--update_rule", rule, "--max_steps", "1"] + (["--mask_grad_train_mode", flag] if flag else [])
+    model_args, data_args, training_args = parse_train_args(_argv(generated_dataset, tmp_path / "m", *extra))
+    trainer = build_trainer(model_args, data_args, training_args, load_episodes(data_args))
+    seen = []
+    real_loss = trainer._per_task_loss
+    trainer._per_task_loss = lambda model, batch: seen.append(model.training) or real_loss(model, batch)
+    trainer.model.train()
+    trainer.state.max_steps, trainer.state.global_step = 100, 25
+    trainer.update_masks()
+    assert seen and set(seen) == {expected}
+    assert trainer.model.training
+
+
 class _StopAt(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
