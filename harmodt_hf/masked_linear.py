@@ -93,7 +93,8 @@ class _GroupedMaskedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, masks, group_tasks, group_sizes, task_grad_sink=None, mode="auto"):  # noqa: D102
+    def forward(ctx, x, weight, bias, masks, groups, task_grad_sink=None, mode="auto"):  # noqa: D102
+        group_tasks, group_sizes = groups.tasks, groups.sizes
         dtype = _compute_dtype(x)
         x_c = x.to(dtype)
         weight_c = weight.to(dtype)
@@ -103,7 +104,7 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.task_grad_sink = task_grad_sink
         if ctx.batched:  # equal groups: one batched matmul, all masked weights kept for backward
-            task_index = torch.tensor(group_tasks, device=x.device)
+            task_index = groups.task_index(x.device)
             w_groups = _masked_group_weights(weight_c, masks, task_index)
             x3 = x_c.reshape(len(group_tasks), -1, x.shape[-1])
             out = x_c.new_empty(*x.shape[:-1], weight.shape[0])  # returned as a base tensor, not a view
@@ -150,7 +151,7 @@ class _GroupedMaskedLinear(torch.autograd.Function):
                 term = (g.T @ x_group).to(ctx.weight_dtype).mul_(masks[t].view(torch.uint8).to(ctx.weight_dtype))
                 grad_weight = term if grad_weight is None else grad_weight.add_(term)
         grad_bias = _bias_gradient(ctx, grad_rows)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
     @staticmethod
     def _batched_backward(ctx, grad_out):
@@ -170,7 +171,7 @@ class _GroupedMaskedLinear(torch.autograd.Function):
                 factor = masks.index_select(0, task_index).view(torch.uint8).to(ctx.weight_dtype)
                 grad_weight = factor.mul_(per_group.to(ctx.weight_dtype)).sum(dim=0)
         grad_bias = _bias_gradient(ctx, g3.reshape(-1, g3.shape[-1]))
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 class TaskGroups:
@@ -179,6 +180,13 @@ class TaskGroups:
     def __init__(self, tasks: Sequence[int], sizes: Sequence[int]) -> None:
         self.tasks = [int(t) for t in tasks]
         self.sizes = [int(s) for s in sizes]
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def task_index(self, device: torch.device) -> torch.Tensor:
+        """The group tasks as an int64 tensor on ``device``, made once per forward (not once per layer)."""
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.tasks, device=device)
+        return self._index[device]
 
     @classmethod
     def from_sorted_ids(cls, task_ids: torch.Tensor) -> TaskGroups:
@@ -295,7 +303,7 @@ class MaskedLinear(nn.Module):
         dtype = _compute_dtype(x)
         if _use_batched_groups(self.group_matmul, x, groups.sizes):
             stacked, bias = self._cached_stacked_weights(dtype)
-            task_index = torch.tensor(groups.tasks, device=x.device)
+            task_index = groups.task_index(x.device)
             x3 = x.to(dtype).reshape(len(groups.tasks), -1, self.in_features)
             out3 = torch.bmm(x3, stacked.index_select(0, task_index).transpose(1, 2))
             if bias is not None:
@@ -320,7 +328,7 @@ class MaskedLinear(nn.Module):
             out = torch.cat(outputs)
             return out + self.bias if self.bias is not None else out
         return _GroupedMaskedLinear.apply(
-            x, self.weight, self.bias, masks, groups.tasks, groups.sizes, self.task_grad_sink, self.group_matmul
+            x, self.weight, self.bias, masks, groups, self.task_grad_sink, self.group_matmul
         )
 
     def extra_repr(self) -> str:
