@@ -3,7 +3,9 @@
 #   1. bench_eval on MT50 x 10 episodes (the official episode count) with the model on the GPU: batched evaluation
 #      (fp32 and bf16) vs the official-style batch-1 loop, timed on 1 episode per task and extrapolated;
 #   2. gpu_bench: paper-size HarmoDT-F vs Prompt-DT training samples/s (bf16 autocast), peak memory, mask update.
-# Each part has its own time limit, and its log is written to $OUT as it runs.
+# Each part has its own time limit, and its log is written to $OUT as it runs. Knobs (environment): EVAL_STEPS,
+# EVAL_LIMIT_S, EVAL_PRECISION (bf16: fp32 and bf16 runs; fp32: fp32 only), EVAL_EXTRA (more bench_eval flags, e.g.
+# --unpipelined), RUN_TRAIN=0 to skip part 2, TRAIN_LIMIT_S, BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -21,8 +23,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, \
 accelerate.__version__, torch.cuda.is_available())" 2>&1 | tee "$OUT/versions.txt"
 timeout "${EVAL_LIMIT_S:-260}" python3 benchmarks/bench_eval.py --device cuda --tasks mt50 --episodes 10 \
-  --max-steps "$EVAL_STEPS" --sequential-episodes 1 --no-in-process --precision bf16 --num-workers 14 --threads 2 \
-  2>&1 | tee "$OUT/bench_eval_gpu.log"
+  --max-steps "$EVAL_STEPS" --sequential-episodes 1 --no-in-process --precision "${EVAL_PRECISION:-bf16}" \
+  --num-workers 14 --threads 2 ${EVAL_EXTRA:-} 2>&1 | tee "$OUT/bench_eval_gpu.log"
+[ "${RUN_TRAIN:-1}" = 0 ] && exit 0
 if [ ! -d "$DATA" ]; then
   python3 dataset_scripts/generate_metaworld.py --tasks mt50 --episodes-per-task 2 --output "$DATA" \
     --num-workers 14 --no-progress

@@ -6,7 +6,7 @@ Importing the package registers ``model_type="harmodt"`` with ``AutoConfig`` and
 from transformers import AutoConfig, AutoModel
 
 from .configuration_harmodt import HarmoDTConfig
-from .modeling_harmodt import HarmoDTModel, HarmoDTOutput
+from .modeling_harmodt import HarmoDTModel, HarmoDTOutput, PromptKeyValues
 from .trainer import HarmoDTTrainer, HarmoDTTrainingArguments
 
 __version__ = "0.1.0"
@@ -20,5 +20,6 @@ __all__ = [
     "HarmoDTOutput",
     "HarmoDTTrainer",
     "HarmoDTTrainingArguments",
+    "PromptKeyValues",
     "__version__",
 ]

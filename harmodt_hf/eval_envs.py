@@ -181,10 +181,21 @@ class _LocalEnvs:
     def reset(self) -> dict[int, np.ndarray]:
         return self._call(self.envs.reset)
 
+    def waves(self, count: int) -> list[list[int]]:
+        """In-process envs step one after another: there is nothing to overlap, so one wave of every episode."""
+        return [[spec.index for spec in self.specs]]
+
     def step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
         if finish:
             self.finish(finish, successes or {})
         return self._call(lambda: self.envs.step(actions))
+
+    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
+        """Step now (there are no workers); :meth:`receive_step` hands the results back."""
+        return self.step(actions, finish, successes)
+
+    def receive_step(self, ticket: dict) -> dict:
+        return ticket
 
     def finish(self, indices: Sequence[int], successes: dict[int, bool]) -> dict[int, str]:
         return self._call(lambda: self.envs.finish(indices, successes))
@@ -297,13 +308,24 @@ class _WorkerEnvs:
         pid = self.procs[worker].pid
         return RuntimeError(f"Environment worker {worker} (pid {pid}) {what}. Its episodes: {episodes}")
 
-    def _request(self, messages: dict[int, tuple]) -> dict[int, Any]:
+    def _send(self, messages: dict[int, tuple]) -> list[int]:
         for worker, message in messages.items():
             try:
                 self.conns[worker].send(message)
             except (BrokenPipeError, ConnectionError):
                 raise self._worker_lost(worker, "closed its pipe") from None
-        return {worker: self._receive(worker) for worker in messages}
+        return list(messages)
+
+    def _request(self, messages: dict[int, tuple]) -> dict[int, Any]:
+        return {worker: self._receive(worker) for worker in self._send(messages)}
+
+    def waves(self, count: int) -> list[list[int]]:
+        """The episodes split into at most ``count`` waves, each owned by its own workers (worker ``w`` goes to wave
+        ``w % count``): one wave's environments can step while the policy acts for another."""
+        waves = [
+            [spec.index for w, owned in enumerate(self.owned) if w % count == k for spec in owned] for k in range(count)
+        ]
+        return [wave for wave in waves if wave]
 
     def reset(self) -> dict[int, np.ndarray]:
         observations = {}
@@ -312,6 +334,11 @@ class _WorkerEnvs:
         return observations
 
     def step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
+        return self.receive_step(self.send_step(actions, finish, successes))
+
+    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> list[int]:
+        """Send one step of the given episodes to their workers (and close ``finish``); returns the ticket for
+        :meth:`receive_step`. Until then the workers step while this process goes on."""
         successes = successes or {}
         per_worker: dict[int, tuple[dict, list, dict]] = {}
         for index, action in actions.items():
@@ -320,9 +347,13 @@ class _WorkerEnvs:
             entry = per_worker.setdefault(self.owner[index], ({}, [], {}))
             entry[1].append(index)
             entry[2][index] = successes.get(index, False)
-        replies = self._request({w: ("step", *entry) for w, entry in per_worker.items()})
+        return self._send({w: ("step", *entry) for w, entry in per_worker.items()})
+
+    def receive_step(self, ticket: list[int]) -> dict:
+        """``{index: (obs, reward, success, done)}`` of the step sent with ``ticket``."""
         results = {}
-        for step_results, _videos in replies.values():
+        for worker in ticket:
+            step_results, _videos = self._receive(worker)
             results.update(step_results)
         return results
 

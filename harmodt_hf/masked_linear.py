@@ -206,8 +206,10 @@ class MaskedLinear(nn.Module):
     # "recompute": custom autograd that rebuilds W ⊙ M in backward (kept: fastest in benchmarks/bench_model.py);
     # "autograd": plain F.linear per group through autograd (kept for the benchmark's comparison).
     implementation: str = "recompute"
-    # See GROUP_MATMUL_MODES.
+    # See GROUP_MATMUL_MODES. (Inference on cached weights batches equal groups on every device unless "loop".)
     group_matmul: str = "auto"
+    # Inference: how many stacks of per-group masked weights (one per tuple of tasks) a layer keeps.
+    GROUP_STACKS_KEPT: int = 2
 
     def __init__(self, in_features: int, out_features: int, num_tasks: int, masked: bool, bias: bool = True) -> None:
         super().__init__()
@@ -224,10 +226,10 @@ class MaskedLinear(nn.Module):
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         # Set by the trainer's mask update: (num_tasks, out, in) tensor collecting per-task effective-weight grads.
         self.task_grad_sink: torch.Tensor | None = None
-        # Inference only (see HarmoDTModel.cache_masked_weights): task -> W ⊙ M[task] and the bias, in the compute
-        # dtype, valid for ``_weight_key``.
+        # Inference only (see HarmoDTModel.cache_masked_weights), in the compute dtype, valid for ``_weight_key``:
+        # task -> (W ⊙ M[task])ᵀ, ("groups", tasks) -> those stacked, and the bias.
         self.cache_masked_weights = False
-        self._weight_cache: dict[int | str, torch.Tensor] = {}
+        self._weight_cache: dict[int | tuple, torch.Tensor] = {}
         self._bias_cache: torch.Tensor | None = None
         self._weight_key: tuple | None = None
 
@@ -262,7 +264,7 @@ class MaskedLinear(nn.Module):
         """Forget the inference cache of masked weights (see ``cache_masked_weights``)."""
         self._weight_cache, self._bias_cache, self._weight_key = {}, None, None
 
-    def _valid_weight_cache(self, dtype: torch.dtype) -> dict[int | str, torch.Tensor]:
+    def _valid_weight_cache(self, dtype: torch.dtype) -> dict[int | tuple, torch.Tensor]:
         """The inference cache of masked weights in the compute ``dtype``, emptied first if the weight, the bias, the
         masks or the dtype changed since it was filled (checked once per call, not once per task group)."""
         bias = self.bias
@@ -279,39 +281,53 @@ class MaskedLinear(nn.Module):
             self._bias_cache = bias.detach().to(dtype) if bias is not None else None  # a tensor, not a Parameter
         return self._weight_cache
 
-    def _cached_masked_weight(self, task: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W ⊙ M[task], b)`` in the compute ``dtype``, kept between calls while neither the weight, the bias nor
-        the masks change and the dtype stays the same (inference only): under autocast the masked weights are cast
-        once, not at every call."""
-        return self._task_weight(self._valid_weight_cache(dtype), task, dtype), self._bias_cache
-
-    def _task_weight(self, cache: dict[int | str, torch.Tensor], task: int, dtype: torch.dtype) -> torch.Tensor:
+    def _task_weight_t(self, task: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(W ⊙ M[task])ᵀ`` as a contiguous ``(in, out)`` tensor in ``dtype``, kept between inference calls."""
+        cache = self._valid_weight_cache(dtype)
         if task not in cache:
-            cache[task] = apply_mask(self.weight.detach().to(dtype), self.task_masks()[task])
+            cache[task] = apply_mask(self.weight.detach().to(dtype), self.task_masks()[task]).T.contiguous()
         return cache[task]
 
-    def _cached_stacked_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """All tasks' masked weights ``(T, out, in)`` in ``dtype`` (kept like the per-task cache; inference only)."""
+    def _group_weights_t(self, tasks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """``(G, in, out)``: the transposed masked weights of ``tasks`` stacked for one batched matmul, kept for the
+        last :attr:`GROUP_STACKS_KEPT` task tuples (a pipelined evaluation alternates between two)."""
         cache = self._valid_weight_cache(dtype)
-        if "stacked" not in cache:
-            weight = self.weight.detach().to(dtype)
-            cache["stacked"] = self.task_masks().view(torch.uint8).to(dtype).mul_(weight)
-        return cache["stacked"], self._bias_cache
+        key = ("groups", tasks)
+        if key not in cache:
+            stacks = [k for k in cache if isinstance(k, tuple)]
+            for old in stacks[: max(0, len(stacks) - self.GROUP_STACKS_KEPT + 1)]:
+                del cache[old]
+            index = torch.tensor(tasks, device=self.weight.device)
+            cache[key] = _masked_group_weights(self.weight.detach().to(dtype), self.task_masks(), index).mT.contiguous()
+        return cache[key]
 
     def _cached_forward(self, x: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
-        """No-grad forward on the cached masked weights, each group's product written into one output."""
+        """No-grad forward on cached masked weights: one batched matmul over task groups of equal size, else one
+        single-matrix batched matmul per group. Either way every group's rows go through the same kernel, so a
+        sample's output does not depend on the other groups in the batch."""
         dtype = _compute_dtype(x)
-        if _use_batched_groups(self.group_matmul, x, groups.sizes):
-            stacked, bias = self._cached_stacked_weights(dtype)
-            task_index = groups.task_index(x.device)
-            x3 = x.to(dtype).reshape(len(groups.tasks), -1, self.in_features)
-            out3 = torch.bmm(x3, stacked.index_select(0, task_index).transpose(1, 2))
-            if bias is not None:
-                out3.add_(bias)
-            return out3.view(*x.shape[:-1], self.out_features)
-        cache = self._valid_weight_cache(dtype)
-        weights = (self._task_weight(cache, task, dtype) for task in groups.tasks)
-        return _grouped_linear(x.to(dtype), weights, self._bias_cache, groups.sizes, self.out_features)
+        x_c = x.to(dtype)
+        bias, sizes, out = self._bias_cache, groups.sizes, self.out_features
+        per_row = math.prod(x.shape[1:-1])  # rows per sample (tokens)
+        if len(sizes) > 1 and len(set(sizes)) == 1 and self.group_matmul != "loop":
+            x3 = x_c.reshape(len(sizes), -1, self.in_features)
+            weights = self._group_weights_t(tuple(groups.tasks), dtype)
+            if bias is None:
+                return torch.bmm(x3, weights).view(*x.shape[:-1], out)
+            return torch.baddbmm(bias.expand(*x3.shape[:2], out), x3, weights).view(*x.shape[:-1], out)
+        result = x_c.new_empty(*x.shape[:-1], out)
+        rows_in, rows_out = x_c.reshape(-1, self.in_features), result.view(-1, out)
+        start = 0
+        for task, size in zip(groups.tasks, sizes, strict=True):
+            stop = start + size * per_row
+            x3, out3 = rows_in[start:stop].unsqueeze(0), rows_out[start:stop].unsqueeze(0)
+            weight = self._task_weight_t(task, dtype).unsqueeze(0)
+            if bias is None:
+                torch.bmm(x3, weight, out=out3)
+            else:
+                torch.baddbmm(bias.expand_as(out3), x3, weight, out=out3)
+            start = stop
+        return result
 
     def forward(self, x: torch.Tensor, groups: TaskGroups | None = None) -> torch.Tensor:
         if self.packed_masks is None or groups is None:

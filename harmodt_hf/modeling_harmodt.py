@@ -32,7 +32,8 @@ class HarmoDTOutput(ModelOutput):
     Args:
         loss: masked MSE between predicted and target actions (when targets are given).
         action_preds: predicted actions, ``(batch, K, act_dim)``, in [-1, 1].
-        last_hidden_state: final hidden states of the whole token sequence (prompt tokens first).
+        last_hidden_state: final hidden states of the whole token sequence (prompt tokens first; the steps' tokens
+            only when the prompt was passed as ``prompt_key_values``).
         hidden_states: hidden states after the embedding and after every block (``output_hidden_states=True``).
     """
 
@@ -40,6 +41,34 @@ class HarmoDTOutput(ModelOutput):
     action_preds: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class PromptKeyValues:
+    """The keys and values every block computes for the prompt tokens of a batch (:meth:`HarmoDTModel.encode_prompt`).
+
+    Prompt tokens come first and attention is causal, so they never see the episode's steps: their keys and values
+    stay the same for a whole episode and can be computed once per task, then passed to every forward as
+    ``prompt_key_values=`` instead of ``prompt=`` (about a fifth fewer token rows per forward at the paper size).
+
+    Args:
+        key_values: one ``(keys, values)`` pair per block, each ``(batch, n_head, 3 * prompt_length, head_dim)``.
+        attention_mask: ``(batch, 3 * prompt_length)`` token mask of the prompt (1 = real).
+        task_ids: ``(batch,)`` the task each row was computed for (checked against the forward's ``task_ids``).
+    """
+
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    attention_mask: torch.Tensor
+    task_ids: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> PromptKeyValues:
+        """The rows ``index`` of the batch (a new object; for reordering or picking running episodes)."""
+        index = torch.as_tensor(index, device=self.task_ids.device)
+        return PromptKeyValues(
+            key_values=tuple((k[index], v[index]) for k, v in self.key_values),
+            attention_mask=self.attention_mask[index],
+            task_ids=self.task_ids[index],
+        )
 
 
 class BodyLayerNorm(nn.LayerNorm):
@@ -58,15 +87,28 @@ class HarmoDTAttention(nn.Module):
         self.attn_dropout = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor,
+        groups: TaskGroups | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_out: list | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``x``'s tokens to ``past`` keys/values (prompt tokens, if given) and to ``x``'s own; with
+        ``kv_out``, this block's keys and values of ``x`` are appended to it."""
         batch, length, d = x.shape
         q, k, v = self.c_attn(x, groups).split(d, dim=-1)
         q, k, v = (t.view(batch, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_out is not None:
+            kv_out.append((k, v))
+        if past is not None:
+            k, v = torch.cat((past[0].to(k.dtype), k), dim=2), torch.cat((past[1].to(v.dtype), v), dim=2)
         dropout = self.attn_dropout if self.training else 0.0
         dtype = q.dtype
-        if q.device.type == "cpu" and dtype != torch.float32:
+        if q.device.type == "cpu" and dtype != torch.float32 and torch.is_grad_enabled():
             # On CPU, PyTorch's bf16 attention backward is ~3x slower than float32 at our sizes (75 tokens): attend in
-            # float32, with autocast off so that it does not cast back.
+            # float32, with autocast off so that it does not cast back. (Without gradients bf16 is the faster.)
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(
                     q.float(), k.float(), v.float(), attn_mask=attn_bias.float(), dropout_p=dropout
@@ -100,8 +142,15 @@ class HarmoDTBlock(nn.Module):
         self.ln_2 = BodyLayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = HarmoDTMLP(config)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_bias, groups)
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor,
+        groups: TaskGroups | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_out: list | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_bias, groups, past, kv_out)
         return x + self.mlp(self.ln_2(x), groups)
 
 
@@ -120,16 +169,23 @@ class HarmoDTTransformer(nn.Module):
         attention_mask: torch.Tensor,
         groups: TaskGroups | None,
         output_hidden_states: bool = False,
+        past: PromptKeyValues | None = None,
+        kv_out: list | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Run the blocks; ``past`` holds the prompt tokens' keys/values (every token may attend to the real ones),
+        ``kv_out`` collects each block's keys/values of these tokens."""
         length = inputs_embeds.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=inputs_embeds.device).tril()
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+        if past is not None:
+            prefix = past.attention_mask[:, None, None, :].bool().expand(-1, 1, length, -1)
+            allowed = torch.cat((prefix, allowed), dim=-1)
         attn_bias = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
         attn_bias = attn_bias.masked_fill(~allowed, -1e4)
         x = self.drop(inputs_embeds)
         hidden = [x] if output_hidden_states else None
-        for block in self.h:
-            x = block(x, attn_bias, groups)
+        for index, block in enumerate(self.h):
+            x = block(x, attn_bias, groups, past.key_values[index] if past is not None else None, kv_out)
             if hidden is not None:
                 hidden.append(x)
         x = self.ln_f(x)
@@ -236,9 +292,10 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
     def cache_masked_weights(self, enabled: bool = True) -> None:
         """Keep each task's masked weights ``W ⊙ M[t]`` between inference calls (no-grad forwards only).
 
-        Speeds up acting (evaluation, rollouts) at the cost of one masked copy of the body weights per task used
-        (≈ 19 MB per task at the paper size). Caches are rebuilt when weights or masks change and dropped by
-        ``cache_masked_weights(False)`` or by any forward with gradients.
+        Speeds up acting (evaluation, rollouts) at the cost of masked copies of the body weights: ≈ 19 MB per task
+        in float32 at the paper size, stacked per tuple of tasks for one batched matmul over equal task groups (the
+        two latest tuples are kept), and once more per task when the groups differ in size. Caches are rebuilt when
+        weights or masks change and dropped by ``cache_masked_weights(False)`` or by any forward with gradients.
         """
         for layer in self.masked_layers().values():
             layer.cache_masked_weights = enabled
@@ -297,6 +354,7 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         task_ids: torch.Tensor | None = None,
         prompt: dict[str, torch.Tensor] | None = None,
+        prompt_key_values: PromptKeyValues | None = None,
         labels: torch.Tensor | None = None,
         return_loss: bool = False,
         output_hidden_states: bool = False,
@@ -312,7 +370,10 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             attention_mask: ``(B, K)``, 1 for real steps, 0 for padding (default all ones).
             task_ids: ``(B,)`` task indices into ``config.task_names``; required with masks or prompts.
             prompt: dict with ``states``, ``actions``, ``returns_to_go``, ``timesteps`` and optional
-                ``attention_mask`` of prompt length P; required when ``config.use_prompt``.
+                ``attention_mask`` of prompt length P; with ``config.use_prompt``, this or ``prompt_key_values``.
+            prompt_key_values: the prompt already encoded by :meth:`encode_prompt` for these ``task_ids`` (the same
+                actions as passing ``prompt``, computed without the prompt tokens); ``last_hidden_state`` and
+                ``hidden_states`` then hold the steps' tokens only.
             labels: target actions ``(B, K, act_dim)``; with ``return_loss=True`` and no labels, ``actions`` are the
                 targets.
         """
@@ -325,21 +386,21 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
         self._check_inputs(states, actions, returns_to_go, timesteps, attention_mask, "")
         task_ids = self._check_task_ids(task_ids, batch, states.device)
         if config.use_prompt:
-            if prompt is None:
-                raise ValueError("This model uses task prompts (config.use_prompt=True): pass prompt=...")
-            prompt = self._normalise_prompt(prompt, batch, states.device)
+            if (prompt is None) == (prompt_key_values is None):
+                raise ValueError(
+                    "This model uses task prompts (config.use_prompt=True): pass exactly one of prompt=... and "
+                    "prompt_key_values=... (from encode_prompt)"
+                )
+            if prompt is not None:
+                prompt = self._normalise_prompt(prompt, batch, states.device)
+            else:
+                self._check_prompt_key_values(prompt_key_values, task_ids)
+        elif prompt_key_values is not None:
+            raise ValueError("This model does not use prompts (config.use_prompt=False): pass no prompt_key_values")
         if labels is None and return_loss:
             labels = actions
 
-        # Sort the batch by task so that each masked layer sees contiguous task groups.
-        order = None
-        groups = None
-        if config.has_masks:
-            if bool((task_ids[1:] < task_ids[:-1]).any()):
-                order = torch.argsort(task_ids, stable=True)
-                inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(batch, device=order.device)
-            groups = TaskGroups.from_sorted_ids(task_ids if order is None else task_ids[order])
+        order, inverse, groups = self._task_order(task_ids)
 
         def sort(t: torch.Tensor) -> torch.Tensor:
             return t if order is None else t[order]
@@ -351,7 +412,8 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             p_tokens, p_mask = self._embed_prompt({k: sort(v) for k, v in prompt.items()})
             tokens = torch.cat([p_tokens, tokens], dim=1)
             token_mask = torch.cat([p_mask, token_mask], dim=1)
-        hidden, all_hidden = self.transformer(tokens, token_mask, groups, output_hidden_states)
+        past = prompt_key_values if order is None or prompt_key_values is None else prompt_key_values.select(order)
+        hidden, all_hidden = self.transformer(tokens, token_mask, groups, output_hidden_states, past=past)
         step_hidden = hidden[:, -3 * length :].reshape(batch, length, 3, config.hidden_size)
         action_preds = torch.tanh(self.predict_action(step_hidden[:, :, 1]))
         if order is not None:
@@ -368,6 +430,56 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             loss = squared.sum() / (valid.sum().clamp_min(1.0) * config.act_dim)
         output = HarmoDTOutput(loss=loss, action_preds=action_preds, last_hidden_state=hidden, hidden_states=all_hidden)
         return output if return_dict else output.to_tuple()
+
+    def _task_order(self, task_ids: torch.Tensor):
+        """``(order, inverse, groups)``: the permutation that sorts the batch by task (``None`` when it already is)
+        and its inverse, and the contiguous task groups the masked layers compute (``None`` without masks)."""
+        order = inverse = groups = None
+        if self.config.has_masks:
+            if bool((task_ids[1:] < task_ids[:-1]).any()):
+                order = torch.argsort(task_ids, stable=True)
+                inverse = torch.empty_like(order)
+                inverse[order] = torch.arange(task_ids.numel(), device=order.device)
+            groups = TaskGroups.from_sorted_ids(task_ids if order is None else task_ids[order])
+        return order, inverse, groups
+
+    def encode_prompt(self, prompt: dict[str, torch.Tensor], task_ids: torch.Tensor) -> PromptKeyValues:
+        """Every block's keys and values for the prompt tokens of a batch, to pass as ``prompt_key_values=``.
+
+        ``prompt`` is as in :meth:`forward` (e.g. ``model.task_prompts(task_ids)``). The prompt precedes the steps
+        and attention is causal, so the result does not depend on the steps: encode once per task and episode (the
+        evaluation policy does) and reuse it at every step. Run it in the same precision (autocast) as the forwards.
+        """
+        if not self.config.use_prompt:
+            raise ValueError("This model does not use prompts (config.use_prompt=False)")
+        batch = prompt["states"].shape[0]
+        device = prompt["states"].device
+        task_ids = self._check_task_ids(task_ids, batch, device)
+        prompt = self._normalise_prompt(prompt, batch, device)
+        order, inverse, groups = self._task_order(task_ids)
+        tokens, token_mask = self._embed_prompt({k: v if order is None else v[order] for k, v in prompt.items()})
+        key_values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.transformer(tokens, token_mask, groups, kv_out=key_values)
+        encoded = PromptKeyValues(
+            key_values=tuple(key_values),
+            attention_mask=token_mask,
+            task_ids=task_ids if order is None else task_ids[order],
+        )
+        return encoded if inverse is None else encoded.select(inverse)
+
+    def _check_prompt_key_values(self, cache: PromptKeyValues, task_ids: torch.Tensor) -> None:
+        if not isinstance(cache, PromptKeyValues):
+            raise ValueError(f"prompt_key_values must come from encode_prompt, got {type(cache).__name__}")
+        if len(cache.key_values) != self.config.n_layer:
+            raise ValueError(
+                f"prompt_key_values has {len(cache.key_values)} blocks, this model {self.config.n_layer}: it was "
+                "encoded by another model"
+            )
+        if not torch.equal(cache.task_ids.to(task_ids.device), task_ids):
+            raise ValueError(
+                "prompt_key_values was encoded for other tasks than task_ids (or in another order): select its rows "
+                "with prompt_key_values.select(index) to match the batch"
+            )
 
     def _embed_steps(self, states, actions, returns_to_go, timesteps, attention_mask):
         time = self.embed_timestep(timesteps)

@@ -147,7 +147,8 @@ def one_torch_thread():
 
 @pytest.mark.slow
 def test_batched_evaluation_matches_one_episode_at_a_time(model, one_torch_thread):
-    """All 4 episodes batched (2 tasks x 2 goals, env workers) give the same actions as batch-1 episodes."""
+    """All 4 episodes batched (2 tasks x 2 goals, env workers, pipelined) give the same actions as batch-1
+    episodes."""
     seed, max_steps = 3, 40
     results = evaluate(
         model,
@@ -160,7 +161,7 @@ def test_batched_evaluation_matches_one_episode_at_a_time(model, one_torch_threa
         record_actions=True,
         torch_threads=1,
     )
-    assert results["torch_threads"] == 1 and results["num_workers"] == 2
+    assert results["torch_threads"] == 1 and results["num_workers"] == 2 and results["pipeline"]
     episodes = []
     for task in TWO_TASKS:
         entry = results["per_task"][task]
@@ -224,6 +225,22 @@ def test_stop_on_success_ends_episodes_and_keeps_others_exact(model):
         assert push["actions"][e] == full["per_task"]["push-v3"]["actions"][e][: 5 + e]
 
 
+@pytest.mark.slow
+def test_pipelined_evaluation_gives_the_same_results(model, one_torch_thread):
+    """With two env workers the policy acts for one wave of episodes while the other wave's envs step (the default);
+    results equal the unpipelined run's, including episodes that end early (push succeeds at its 5th/6th step)."""
+    kwargs = dict(tasks=TWO_TASKS, episodes_per_task=2, seed=1, max_steps=15, num_workers=2, record_actions=True,
+                  env_factory=factory_push_succeeds_at_step_5, torch_threads=1)  # fmt: skip
+    piped = evaluate(model, **kwargs)
+    plain = evaluate(model, pipeline=False, **kwargs)
+    assert piped["pipeline"] is True and plain["pipeline"] is False
+    assert piped["per_task"]["push-v3"]["episode_lengths"] == [5, 6]
+    assert piped["per_task"]["reach-v3"]["episode_lengths"] == [15, 15]
+    for task in TWO_TASKS:
+        for key in ("actions", "successes", "returns", "episode_lengths"):
+            assert piped["per_task"][task][key] == plain["per_task"][task][key], (task, key)
+
+
 def test_results_are_json_and_describe_the_run(model, tmp_path):
     model.config._name_or_path = "someone/harmodt-tiny"
     results = evaluate(model, tasks="reach-v3,push-v3", episodes_per_task=2, seed=7, max_steps=10, num_workers=0)
@@ -266,8 +283,9 @@ def _capture_inputs(model):
     calls = []
 
     def hook(module, args, kwargs):
-        calls.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items() if k != "prompt"})
-        calls[-1]["prompt"] = kwargs["prompt"]
+        calls.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items() if "prompt" not in k})
+        calls[-1]["prompt"] = kwargs.get("prompt")
+        calls[-1]["prompt_key_values"] = kwargs.get("prompt_key_values")
 
     return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -281,7 +299,7 @@ def test_policy_builds_the_model_inputs_from_the_config():
         return_scale=500.0,
     )
     config = model.config
-    policy = HarmoDTPolicy(model)
+    policy = HarmoDTPolicy(model, cache_prompt=False)  # the raw prompt goes in: checked below
     policy.reset(["pick-place-v3", 0])
     calls, hook = _capture_inputs(model)
     rng = np.random.default_rng(0)
@@ -355,6 +373,39 @@ def test_policy_slots_active_subsets_and_resets(model):
     fresh = HarmoDTPolicy(model)
     fresh.reset(["pick-place-v3"])
     np.testing.assert_array_equal(fresh.act(obs[2][[1]])[0], restarted[0])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_policy_prompt_cache_acts_like_feeding_the_prompt(model, precision, one_torch_thread):
+    """cache_prompt=True (the default) passes each task's prompt encoded once (the model sees no prompt tokens) and
+    gives the actions of feeding the prompt at every step, up to float rounding; restarting a slot with another task
+    re-encodes that slot's prompt."""
+    rng = np.random.default_rng(4)
+    obs = [rng.normal(size=(3, 39)) for _ in range(4)]
+    rewards = [None] + [rng.uniform(0, 5, size=3) for _ in range(3)]
+    tasks = ["push-v3", "reach-v3", "push-v3"]
+    policies = {cache: HarmoDTPolicy(model, precision=precision, cache_prompt=cache) for cache in (True, False)}
+    actions = {}
+    calls, hook = _capture_inputs(model)
+    try:
+        for cache, policy in policies.items():
+            policy.reset(tasks)
+            actions[cache] = [policy.act(o, r) for o, r in zip(obs[:3], rewards[:3], strict=True)]
+            policy.reset(["pick-place-v3"], slots=[1])
+            actions[cache].append(policy.act(obs[3][[1]], active=[1]))
+    finally:
+        hook.remove()
+    cached_calls, fed_calls = calls[:4], calls[4:]
+    assert all(c["prompt"] is None and c["prompt_key_values"] is not None for c in cached_calls)
+    assert all(c["prompt"] is not None and c["prompt_key_values"] is None for c in fed_calls)
+    assert cached_calls[-1]["prompt_key_values"].task_ids.tolist() == [2]
+    tolerance = 1e-5 if precision == "fp32" else 3e-2  # bf16: activations rounded at different row counts
+    for cached, fed in zip(actions[True], actions[False], strict=True):
+        np.testing.assert_allclose(cached, fed, atol=tolerance)
+    # Not vacuous: the restarted slot acts for pick-place with its fresh prompt, unlike the old reach episode.
+    fresh = HarmoDTPolicy(model, precision=precision)
+    fresh.reset(["pick-place-v3"])
+    np.testing.assert_array_equal(fresh.act(obs[3][[1]]), actions[True][-1])
 
 
 def test_policy_precision_is_its_own_whatever_autocast_encloses_it(model):

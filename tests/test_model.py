@@ -212,6 +212,82 @@ def test_masked_weight_cache_under_bf16_autocast_is_cast_once(model):
     assert not layer._weight_cache and "_bias_cache" not in dict(layer.named_parameters())
 
 
+def test_encoded_prompt_gives_the_actions_of_the_prompt_tokens(model):
+    """encode_prompt once, then prompt_key_values=...: the same actions as feeding the prompt tokens, for an unsorted
+    mixed batch with left padding in the prompt and the steps, and without building the prompt tokens again."""
+    task_ids = [2, 0, 1, 0, 2]
+    inputs = random_inputs(model.config, task_ids, seed=11)
+    inputs["prompt"]["attention_mask"] = torch.ones(5, model.config.prompt_length, dtype=torch.long)
+    inputs["prompt"]["attention_mask"][1, :2] = 0
+    inputs["attention_mask"][3, :4] = 0
+    expected = _outputs(model, inputs)
+    prompt = inputs.pop("prompt")
+    with torch.no_grad():
+        encoded = model.encode_prompt(prompt, inputs["task_ids"])
+        assert encoded.task_ids.tolist() == task_ids and len(encoded.key_values) == model.config.n_layer
+        heads, head_dim = model.config.n_head, model.config.hidden_size // model.config.n_head
+        assert encoded.key_values[0][0].shape == (5, heads, 3 * model.config.prompt_length, head_dim)
+        output = model(**inputs, prompt_key_values=encoded)
+    torch.testing.assert_close(output.action_preds, expected, atol=1e-5, rtol=0)
+    assert output.last_hidden_state.shape[1] == 3 * model.config.context_length  # the steps' tokens only
+    # Rows picked out of the encoding serve a sub-batch; the padded prompt rows really are ignored.
+    sub = {k: v[[3, 1]] for k, v in inputs.items()}
+    with torch.no_grad():
+        picked = model(**sub, prompt_key_values=encoded.select(torch.tensor([3, 1]))).action_preds
+    torch.testing.assert_close(picked, expected[[3, 1]], atol=1e-5, rtol=0)
+    changed = {k: v.clone() for k, v in prompt.items()}
+    changed["states"][1, :2] += 5.0  # padded away in sample 1
+    with torch.no_grad():
+        again = model(**inputs, prompt_key_values=model.encode_prompt(changed, inputs["task_ids"])).action_preds
+    torch.testing.assert_close(again, output.action_preds, atol=1e-6, rtol=0)
+
+
+def test_encoded_prompt_misuse_is_named(model):
+    inputs = random_inputs(model.config, [0, 1], seed=3)
+    with torch.no_grad():
+        encoded = model.encode_prompt(inputs["prompt"], inputs["task_ids"])
+        with pytest.raises(ValueError, match="exactly one of prompt"):
+            model(**inputs, prompt_key_values=encoded)
+        prompt = inputs.pop("prompt")
+        with pytest.raises(ValueError, match="encoded for other tasks"):
+            model(**inputs, prompt_key_values=encoded.select(torch.tensor([1, 0])))
+        with pytest.raises(ValueError, match="prompt_key_values must come from encode_prompt"):
+            model(**inputs, prompt_key_values=prompt)
+    no_prompt = HarmoDTModel(tiny_config(use_prompt=False)).eval()
+    with pytest.raises(ValueError, match="does not use prompts"):
+        no_prompt.encode_prompt(prompt, inputs["task_ids"])
+    with pytest.raises(ValueError, match="does not use prompts"):
+        no_prompt(**inputs, prompt_key_values=encoded)
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_cached_inference_batches_equal_task_groups_without_changing_a_bit(model, precision):
+    """With cached masked weights, equal-sized task groups go through one batched matmul; every sample's actions
+    are bit-identical to the sample alone (one group), and only the latest task tuples' weight stacks are kept."""
+    task_ids = [2, 0, 1, 0, 2, 1]
+    inputs = random_inputs(model.config, task_ids, seed=9)
+    layer = model.transformer.h[0].mlp.c_fc
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model.cache_masked_weights(True)
+    try:
+        with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
+            mixed = _outputs(model, inputs)
+            assert ("groups", (0, 1, 2)) in layer._weight_cache
+            for i in range(len(task_ids)):
+                single = {k: v[i : i + 1] for k, v in inputs.items() if k != "prompt"}
+                single["prompt"] = {k: v[i : i + 1] for k, v in inputs["prompt"].items()}
+                torch.testing.assert_close(_outputs(model, single), mixed[i : i + 1], atol=0, rtol=0)
+            for keep in ([1, 0], [1, 2], [2, 0]):  # task tuples (0, 2), (0, 1) then (1, 2): the last two stay
+                _outputs(model, {k: v[keep] for k, v in inputs.items() if k != "prompt"} | {
+                    "prompt": {k: v[keep] for k, v in inputs["prompt"].items()}})  # fmt: skip
+            stacks = [key for key in layer._weight_cache if isinstance(key, tuple)]
+            assert stacks == [("groups", (0, 1)), ("groups", (1, 2))]
+    finally:
+        model.cache_masked_weights(False)
+        torch.set_num_threads(threads)
+
+
 def test_left_padding_does_not_change_real_steps(model):
     inputs = random_inputs(model.config, [1], seed=2)
     inputs["attention_mask"][:] = 1
