@@ -92,6 +92,8 @@ class HarmoDTPolicy:
         self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)
         self._mask = torch.zeros(n, k, dtype=torch.long, device=dev)
         self._prompt: dict[str, torch.Tensor] | PromptKeyValues | None = None
+        # The encoded prompts picked out for recent sets of active slots (a pipelined evaluation alternates two).
+        self._picked_prompts: dict[bytes, PromptKeyValues] = {}
 
     def _resolve_task_ids(self, tasks: Sequence[int | str]) -> list[int]:
         ids = []
@@ -143,6 +145,7 @@ class HarmoDTPolicy:
             buffer[ix] = 0
         if config.use_prompt:
             self._store_prompts(ix, task_ids, fresh=self._prompt is None or slots is None)
+            self._picked_prompts = {}
 
     @torch.inference_mode()
     def _store_prompts(self, ix: torch.Tensor, task_ids: torch.Tensor, fresh: bool) -> None:
@@ -166,6 +169,17 @@ class HarmoDTPolicy:
             keys[ix], values[ix] = new_keys, new_values
         stored.attention_mask[ix] = encoded.attention_mask
         stored.task_ids[ix] = encoded.task_ids
+
+    def _pick_prompts(self, index: np.ndarray, ix: torch.Tensor) -> PromptKeyValues:
+        """The encoded prompts of the active slots, copied out once per set of active slots, not at every step."""
+        if index.size == self.num_slots and bool((index == np.arange(index.size)).all()):
+            return self._prompt
+        key = index.tobytes()
+        if key not in self._picked_prompts:
+            if len(self._picked_prompts) >= 2:
+                self._picked_prompts.pop(next(iter(self._picked_prompts)))
+            self._picked_prompts[key] = self._prompt.select(ix)
+        return self._picked_prompts[key]
 
     @torch.inference_mode()
     def act(
@@ -224,8 +238,7 @@ class HarmoDTPolicy:
 
         prompt = {}
         if isinstance(self._prompt, PromptKeyValues):
-            every_slot = index.size == self.num_slots and bool((index == np.arange(index.size)).all())
-            prompt["prompt_key_values"] = self._prompt if every_slot else self._prompt.select(ix)
+            prompt["prompt_key_values"] = self._pick_prompts(index, ix)
         elif self._prompt is not None:
             prompt["prompt"] = {key: value[ix] for key, value in self._prompt.items()}
         with self._autocast():

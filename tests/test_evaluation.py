@@ -408,6 +408,28 @@ def test_policy_prompt_cache_acts_like_feeding_the_prompt(model, precision, one_
     np.testing.assert_array_equal(fresh.act(obs[3][[1]]), actions[True][-1])
 
 
+def test_policy_picks_the_encoded_prompts_of_a_slot_subset_once(model):
+    """Acting for the same subset of slots step after step reuses one copy of their encoded prompts (a pipelined
+    evaluation alternates two subsets); a reset makes a fresh one."""
+    rng = np.random.default_rng(5)
+    policy = HarmoDTPolicy(model)
+    policy.reset(TWO_TASKS + ["pick-place-v3", "push-v3"])
+    calls, hook = _capture_inputs(model)
+    try:
+        for step in range(3):
+            for wave in ([0, 2], [1, 3]):
+                rewards = None if step == 0 else rng.uniform(0, 1, size=2)
+                policy.act(rng.normal(size=(2, 39)), rewards, active=wave)
+        policy.reset(["reach-v3"], slots=[2])
+        policy.act(rng.normal(size=(2, 39)), active=[0, 2], rewards=[0.5, 0.0])
+    finally:
+        hook.remove()
+    picked = [c["prompt_key_values"] for c in calls]
+    assert picked[0] is picked[2] is picked[4] and picked[1] is picked[3] is picked[5] and picked[0] is not picked[1]
+    assert picked[0].task_ids.tolist() == [0, 2] and picked[1].task_ids.tolist() == [1, 1]
+    assert picked[6] is not picked[0] and picked[6].task_ids.tolist() == [0, 0]
+
+
 def test_policy_precision_is_its_own_whatever_autocast_encloses_it(model):
     """fp32 stays fp32 inside an enclosing bf16 autocast region (e.g. a training step's); bf16 is bf16 either way;
     actions come back as float32."""
