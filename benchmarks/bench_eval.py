@@ -178,7 +178,12 @@ def main() -> None:
             for e in range(seq_episodes)
         }
         piped = " (pipelined)" if results["pipeline"] else ""
-        print(f"batched evaluate {precision}, {workers} env workers{piped}: {batched[precision]:.2f} s", flush=True)
+        setup, steps = results["env_setup_s"], batched[precision] - results["env_setup_s"]
+        print(
+            f"batched evaluate {precision}, {workers} env workers{piped}: {batched[precision]:.2f} s "
+            f"({setup:.2f} s building the environments, {1000 * steps / args.max_steps:.1f} ms per step after)",
+            flush=True,
+        )
         if precision == args.precision and args.unpipelined:
             _benchmark.cache_clear()
             run = evaluate(model, **kwargs, max_steps=args.max_steps, num_workers=args.num_workers, pipeline=False,

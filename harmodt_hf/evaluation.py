@@ -64,6 +64,7 @@ class _Rollout:
     successes: np.ndarray
     actions: list[list[list[float]]]
     videos: dict[int, str]
+    env_setup_s: float = 0.0  # building and resetting the environments (waiting for the workers to do it)
 
 
 class _Wave:
@@ -98,7 +99,9 @@ def _rollout(
         actions=[[] for _ in range(num_episodes)],
         videos={},
     )
+    start = time.perf_counter()
     observations = envs.reset()
+    out.env_setup_s = time.perf_counter() - start
     rewards = np.zeros(num_episodes)
     all_waves = [_Wave(episodes) for episodes in envs.waves(waves)]
     bar = None
@@ -318,6 +321,7 @@ def evaluate(
         },
         "env_steps": int(lengths.sum()),
         "wall_time_s": wall_time,
+        "env_setup_s": out.env_setup_s,
         "num_workers": workers if workers > 1 else 0,
         "torch_threads": torch_threads or threads,
         "precision": precision,
