@@ -163,7 +163,14 @@ def main() -> None:
     # Warm-up: imports, first forwards, and the env workers' forkserver (started once per process).
     for precision in precisions:
         evaluate(model, **kwargs, max_steps=2, num_workers=args.num_workers, precision=precision)
-    batched, local, unpiped, actions = {}, {}, {}, {}
+    # More batched runs, at --precision only: label -> evaluate overrides.
+    extra_runs: dict[str, dict] = {}
+    if args.unpipelined:
+        extra_runs["not pipelined"] = dict(num_workers=args.num_workers, pipeline=False)
+    if args.in_process:
+        extra_runs["envs in-process"] = dict(num_workers=0)
+    batched, actions = {}, {}
+    variants: dict[str, dict[str, float]] = {label: {} for label in extra_runs}  # label -> precision -> wall time
     for precision in precisions:
         _benchmark.cache_clear()  # every timed run builds its environments (MT1 goal lists included)
         results = evaluate(
@@ -184,17 +191,11 @@ def main() -> None:
             f"({setup:.2f} s building the environments, {1000 * steps / args.max_steps:.1f} ms per step after)",
             flush=True,
         )
-        if precision == args.precision and args.unpipelined:
+        for label, overrides in extra_runs.items() if precision == args.precision else ():
             _benchmark.cache_clear()
-            run = evaluate(model, **kwargs, max_steps=args.max_steps, num_workers=args.num_workers, pipeline=False,
-                           precision=precision)  # fmt: skip
-            unpiped[precision] = run["wall_time_s"]
-            print(f"batched evaluate {precision}, {workers} env workers, not pipelined: {run['wall_time_s']:.2f} s")
-        if precision == args.precision and args.in_process:  # the in-process variant at the asked precision only
-            _benchmark.cache_clear()
-            run = evaluate(model, **kwargs, max_steps=args.max_steps, num_workers=0, precision=precision)
-            local[precision] = run["wall_time_s"]
-            print(f"batched evaluate {precision}, envs in-process: {local[precision]:.2f} s", flush=True)
+            run = evaluate(model, **kwargs, max_steps=args.max_steps, precision=precision, **overrides)
+            variants[label][precision] = run["wall_time_s"]
+            print(f"batched evaluate {precision}, {label}: {run['wall_time_s']:.2f} s", flush=True)
     _benchmark.cache_clear()
     seq_setup, seq_episodes_time, seq_actions = sequential(model, tasks, seq_episodes, args.seed, args.max_steps)
     seq_measured = seq_setup + seq_episodes_time
@@ -224,18 +225,16 @@ def main() -> None:
         )
     for precision in precisions:
         row(f"batched evaluate {precision}, {workers} env workers", batched[precision])
-        if precision in unpiped:
-            row(f"batched evaluate {precision}, not pipelined", unpiped[precision])
-        if precision in local:
-            row(f"batched evaluate {precision}, envs in-process", local[precision])
+        for label, times in variants.items():
+            if precision in times:
+                row(f"batched evaluate {precision}, {label}", times[precision])
     row("zero-action env stepping (1 process)", sim_time, sim_steps)
     note = " [sequential time extrapolated]" if extrapolated else ""
     for precision in precisions:
         line = f"speed-up batched {precision} / sequential fp32: {seq_time / batched[precision]:.2f}x"
-        if precision in unpiped:
-            line += f" (not pipelined: {seq_time / unpiped[precision]:.2f}x)"
-        if precision in local:
-            line += f" (in-process envs: {seq_time / local[precision]:.2f}x)"
+        for label, times in variants.items():
+            if precision in times:
+                line += f" ({label}: {seq_time / times[precision]:.2f}x)"
         print(line + note)
     sim_rate = sim_steps / sim_time
     fraction = n_env_steps / min(batched.values()) / sim_rate

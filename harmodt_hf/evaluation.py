@@ -270,8 +270,10 @@ def evaluate(
             envs = _LocalEnvs(specs, seed, **env_kwargs)
         else:
             envs = _WorkerEnvs(specs, seed, workers, worker_timeout, start_method, **env_kwargs)
-        waves = 2 if (workers >= 2 if pipeline is None else pipeline) else 1
-        out = _rollout(policy, envs, num_episodes, max_steps, stop_on_success, record_actions, progress, waves)
+        pipelined = workers > 1 and (pipeline is None or bool(pipeline))
+        out = _rollout(
+            policy, envs, num_episodes, max_steps, stop_on_success, record_actions, progress, 2 if pipelined else 1
+        )
     finally:
         if envs is not None:
             envs.close()
@@ -325,7 +327,7 @@ def evaluate(
         "num_workers": workers if workers > 1 else 0,
         "torch_threads": torch_threads or threads,
         "precision": precision,
-        "pipeline": waves > 1 and workers > 1,
+        "pipeline": pipelined,
     }
 
 

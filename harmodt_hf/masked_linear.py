@@ -34,16 +34,18 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 # How the task groups are multiplied: "loop" (one matmul per group; the CPU default, lowest memory), "batched" (one
 # batched matmul over all groups when they have equal sizes; the default on accelerators, where a Python loop over 50
-# groups is launch-bound) or "auto" (batched off the CPU).
+# groups is launch-bound) or "auto" (batched off the CPU; on every device for inference on cached weights).
 GROUP_MATMUL_MODES = ("auto", "loop", "batched")
 
 
-def _use_batched_groups(mode: str, x: torch.Tensor, group_sizes: Sequence[int]) -> bool:
+def _use_batched_groups(mode: str, x: torch.Tensor, group_sizes: Sequence[int], auto_on_cpu: bool = False) -> bool:
+    """Whether equal groups go through one batched matmul; ``auto_on_cpu``: "auto" batches on the CPU too (inference
+    on cached weights, whose stacks are built once; in training the per-group loop is as fast there)."""
     if mode not in GROUP_MATMUL_MODES:
         raise ValueError(f"group_matmul must be one of {GROUP_MATMUL_MODES}, got {mode!r}")
     if len(group_sizes) < 2 or len(set(group_sizes)) != 1:
         return False
-    return mode == "batched" or (mode == "auto" and x.device.type != "cpu")
+    return mode == "batched" or (mode == "auto" and (auto_on_cpu or x.device.type != "cpu"))
 
 
 def _masked_group_weights(weight: torch.Tensor, masks: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
@@ -51,21 +53,26 @@ def _masked_group_weights(weight: torch.Tensor, masks: torch.Tensor, task_index:
     return masks.index_select(0, task_index).view(torch.uint8).to(weight.dtype).mul_(weight)
 
 
+def _group_row_blocks(
+    x: torch.Tensor, group_sizes: Sequence[int], out: int
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A new output for ``x`` with ``out`` features, and every contiguous group's (input rows, output rows) views."""
+    result = x.new_empty(*x.shape[:-1], out)
+    rows = [size * math.prod(x.shape[1:-1]) for size in group_sizes]  # samples x tokens per sample
+    blocks = list(zip(x.reshape(-1, x.shape[-1]).split(rows), result.view(-1, out).split(rows), strict=True))
+    return result, blocks
+
+
 def _grouped_linear(
     x: torch.Tensor, weights: Iterable[torch.Tensor], bias: torch.Tensor | None, group_sizes: Sequence[int], out: int
 ) -> torch.Tensor:
     """``x[g] @ weights[g]ᵀ + bias`` for contiguous groups of ``group_sizes`` samples, each written into one output."""
-    result = x.new_empty(*x.shape[:-1], out)
-    rows_in, rows_out = x.reshape(-1, x.shape[-1]), result.view(-1, out)
-    per_row = math.prod(x.shape[1:-1])  # rows per sample (tokens)
-    start = 0
-    for size, weight in zip(group_sizes, weights, strict=True):
-        stop = start + size * per_row
+    result, blocks = _group_row_blocks(x, group_sizes, out)
+    for (rows_in, rows_out), weight in zip(blocks, weights, strict=True):
         if bias is not None:
-            torch.addmm(bias, rows_in[start:stop], weight.T, out=rows_out[start:stop])
+            torch.addmm(bias, rows_in, weight.T, out=rows_out)
         else:
-            torch.mm(rows_in[start:stop], weight.T, out=rows_out[start:stop])
-        start = stop
+            torch.mm(rows_in, weight.T, out=rows_out)
     return result
 
 
@@ -206,7 +213,7 @@ class MaskedLinear(nn.Module):
     # "recompute": custom autograd that rebuilds W ⊙ M in backward (kept: fastest in benchmarks/bench_model.py);
     # "autograd": plain F.linear per group through autograd (kept for the benchmark's comparison).
     implementation: str = "recompute"
-    # See GROUP_MATMUL_MODES. (Inference on cached weights batches equal groups on every device unless "loop".)
+    # See GROUP_MATMUL_MODES.
     group_matmul: str = "auto"
     # Inference: how many stacks of per-group masked weights (one per tuple of tasks) a layer keeps.
     GROUP_STACKS_KEPT: int = 2
@@ -308,25 +315,20 @@ class MaskedLinear(nn.Module):
         dtype = _compute_dtype(x)
         x_c = x.to(dtype)
         bias, sizes, out = self._bias_cache, groups.sizes, self.out_features
-        per_row = math.prod(x.shape[1:-1])  # rows per sample (tokens)
-        if len(sizes) > 1 and len(set(sizes)) == 1 and self.group_matmul != "loop":
+        if _use_batched_groups(self.group_matmul, x, sizes, True):
             x3 = x_c.reshape(len(sizes), -1, self.in_features)
             weights = self._group_weights_t(tuple(groups.tasks), dtype)
             if bias is None:
                 return torch.bmm(x3, weights).view(*x.shape[:-1], out)
             return torch.baddbmm(bias.expand(*x3.shape[:2], out), x3, weights).view(*x.shape[:-1], out)
-        result = x_c.new_empty(*x.shape[:-1], out)
-        rows_in, rows_out = x_c.reshape(-1, self.in_features), result.view(-1, out)
-        start = 0
-        for task, size in zip(groups.tasks, sizes, strict=True):
-            stop = start + size * per_row
-            x3, out3 = rows_in[start:stop].unsqueeze(0), rows_out[start:stop].unsqueeze(0)
+        result, blocks = _group_row_blocks(x_c, sizes, out)
+        for (rows_in, rows_out), task in zip(blocks, groups.tasks, strict=True):
+            x3, out3 = rows_in.unsqueeze(0), rows_out.unsqueeze(0)
             weight = self._task_weight_t(task, dtype).unsqueeze(0)
             if bias is None:
                 torch.bmm(x3, weight, out=out3)
             else:
                 torch.baddbmm(bias.expand_as(out3), x3, weight, out=out3)
-            start = stop
         return result
 
     def forward(self, x: torch.Tensor, groups: TaskGroups | None = None) -> torch.Tensor:

@@ -28,7 +28,9 @@ class HarmoDTPolicy:
     with zeros and mask 0), the timestep, the return-to-go and the task's prompt and normalisation. Everything comes
     from the model's config: state mean/std, ``target_returns``, ``return_scale`` and the stored prompts.
 
-    The policy does not change the model's train/eval mode: call ``model.eval()`` first (``evaluate`` does).
+    The policy does not change the model's train/eval mode nor its caches: call ``model.eval()`` first, and
+    ``model.cache_masked_weights()`` to build each task's masked weights once instead of at every step (``evaluate``
+    does both).
 
     ``precision="fp32"`` (the default, as the official evaluation) runs the model in its own dtype with autocast off;
     ``"bf16"`` runs its forward under ``torch.autocast(device_type, torch.bfloat16)`` (about twice as fast per step

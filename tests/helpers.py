@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harmodt_hf import HarmoDTConfig
+from harmodt_hf import HarmoDTConfig, HarmoDTModel
 
 TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
 
@@ -52,3 +52,35 @@ def random_inputs(config: HarmoDTConfig, task_ids, seed: int = 0, steps: int | N
             attention_mask=torch.ones(batch, p, dtype=torch.long),
         )
     return inputs
+
+
+def tiny_prompted_model(seed: int = 0, **overrides) -> HarmoDTModel:
+    """A tiny HarmoDTModel (tasks reach, push, pick-place) with random weights and random stored prompts."""
+    torch.manual_seed(seed)
+    model = HarmoDTModel(tiny_config(**overrides)).eval()
+    config = model.config
+    if config.use_prompt:
+        g = torch.Generator().manual_seed(seed + 1)
+        t, p = config.num_tasks, config.prompt_length
+        model.set_task_prompts(
+            dict(
+                states=torch.randn(t, p, config.state_dim, generator=g),
+                actions=torch.rand(t, p, config.act_dim, generator=g) * 2 - 1,
+                returns_to_go=torch.rand(t, p, 1, generator=g) * 4,
+                timesteps=torch.arange(p).repeat(t, 1),
+                attention_mask=torch.ones(t, p, dtype=torch.long),
+            )
+        )
+    return model
+
+
+def capture_forward_inputs(model):
+    """Record the keyword inputs of every forward of ``model``; returns ``(calls, hook handle)``."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items() if "prompt" not in k})
+        calls[-1]["prompt"] = kwargs.get("prompt")
+        calls[-1]["prompt_key_values"] = kwargs.get("prompt_key_values")
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import capture_forward_inputs, tiny_config, tiny_prompted_model
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
@@ -23,29 +23,9 @@ logging.disable_progress_bar()
 TWO_TASKS = ["reach-v3", "push-v3"]
 
 
-def make_model(seed: int = 0, **overrides) -> HarmoDTModel:
-    """A tiny HarmoDTModel (tasks reach, push, pick-place) with random weights and random stored prompts."""
-    torch.manual_seed(seed)
-    model = HarmoDTModel(tiny_config(**overrides)).eval()
-    config = model.config
-    if config.use_prompt:
-        g = torch.Generator().manual_seed(seed + 1)
-        t, p = config.num_tasks, config.prompt_length
-        model.set_task_prompts(
-            dict(
-                states=torch.randn(t, p, config.state_dim, generator=g),
-                actions=torch.rand(t, p, config.act_dim, generator=g) * 2 - 1,
-                returns_to_go=torch.rand(t, p, 1, generator=g) * 4,
-                timesteps=torch.arange(p).repeat(t, 1),
-                attention_mask=torch.ones(t, p, dtype=torch.long),
-            )
-        )
-    return model
-
-
 @pytest.fixture(scope="module")
 def model() -> HarmoDTModel:
-    return make_model()
+    return tiny_prompted_model()
 
 
 def run_one_episode(
@@ -135,16 +115,6 @@ def factory_push_succeeds_at_step_5(task: str, goal_index: int, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ faithfulness
-@pytest.fixture
-def one_torch_thread():
-    """Single-threaded CPU kernels: their results do not depend on the batch size (measured bit-exact at batch 30,
-    whereas 2 threads change the last bits, ~3e-7, of a batch-30 forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_batched_evaluation_matches_one_episode_at_a_time(model, one_torch_thread):
     """All 4 episodes batched (2 tasks x 2 goals, env workers, pipelined) give the same actions as batch-1
@@ -280,198 +250,6 @@ def test_evaluate_restores_train_mode(model):
 
 
 # ------------------------------------------------------------------------------------------------ policy
-def _capture_inputs(model):
-    calls = []
-
-    def hook(module, args, kwargs):
-        calls.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items() if "prompt" not in k})
-        calls[-1]["prompt"] = kwargs.get("prompt")
-        calls[-1]["prompt_key_values"] = kwargs.get("prompt_key_values")
-
-    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def test_policy_builds_the_model_inputs_from_the_config():
-    """Normalised states, scaled and decremented return-to-go, timesteps, left padding and zero action slots."""
-    model = make_model(
-        state_mean=[[0.5 * (t + 1)] * 39 for t in range(3)],
-        state_std=[[2.0 + t] * 39 for t in range(3)],
-        target_returns=[1000.0, 2000.0, 3000.0],
-        return_scale=500.0,
-    )
-    config = model.config
-    policy = HarmoDTPolicy(model, cache_prompt=False)  # the raw prompt goes in: checked below
-    policy.reset(["pick-place-v3", 0])
-    calls, hook = _capture_inputs(model)
-    rng = np.random.default_rng(0)
-    observations = [rng.normal(size=(2, 39)) for _ in range(6)]
-    rewards = [None] + [rng.uniform(0, 10, size=2) for _ in range(5)]
-    try:
-        actions = [policy.act(obs, rew) for obs, rew in zip(observations, rewards, strict=True)]
-    finally:
-        hook.remove()
-    k = config.context_length
-    last = calls[-1]
-    assert last["task_ids"].tolist() == [2, 0]
-    for slot, (task, mean, std, target) in enumerate([(2, 1.5, 4.0, 3000.0), (0, 0.5, 2.0, 1000.0)]):
-        expected_states = (np.stack([o[slot] for o in observations[-k:]]) - mean) / (std + 1e-6)
-        np.testing.assert_allclose(last["states"][slot].numpy(), expected_states, rtol=1e-6, atol=1e-6)
-        received = np.cumsum([0.0] + [r[slot] for r in rewards[1:]])
-        np.testing.assert_allclose(last["returns_to_go"][slot, :, 0].numpy(), (target - received[-k:]) / 500.0, 1e-6)
-        assert last["timesteps"][slot].tolist() == list(range(6 - k, 6))
-        np.testing.assert_array_equal(last["actions"][slot, :-1].numpy(), np.stack([a[slot] for a in actions[-k:-1]]))
-        assert not last["actions"][slot, -1].any()  # the current step's action slot is zero
-        for key in ("states", "returns_to_go", "timesteps"):
-            assert torch.equal(last["prompt"][key][slot], model.task_prompts(torch.tensor([task]))[key][0])
-    first = calls[0]  # left padding at the first step
-    assert first["attention_mask"].tolist() == [[0] * (k - 1) + [1]] * 2
-    assert not first["states"][:, :-1].any() and not first["actions"].any() and not first["timesteps"].any()
-    np.testing.assert_allclose(first["returns_to_go"][:, -1, 0].numpy(), [6.0, 2.0])
-    assert not first["returns_to_go"][:, :-1].any()
-    assert policy.steps == [6, 6]
-
-
-def test_policy_actions_follow_the_config_stats_and_targets():
-    obs = np.random.default_rng(1).normal(size=(1, 39))
-
-    def first_action(**overrides):
-        policy = HarmoDTPolicy(make_model(**overrides))
-        policy.reset(["push-v3"])
-        return policy.act(obs)[0]
-
-    base = first_action()
-    assert np.array_equal(base, first_action())
-    assert not np.allclose(base, first_action(state_mean=[[0.3] * 39] * 3))
-    assert not np.allclose(base, first_action(state_std=[[5.0] * 39] * 3))
-    assert not np.allclose(base, first_action(target_returns=[4500.0, 100.0, 4500.0]))
-    assert np.array_equal(base, first_action(target_returns=[100.0, 4500.0, 100.0]))  # other tasks' rows unused
-    assert not np.allclose(base, first_action(return_scale=10.0))
-
-
-def test_policy_slots_active_subsets_and_resets(model):
-    """Acting for a subset only computes that subset; restarting a slot starts a fresh episode there."""
-    rng = np.random.default_rng(2)
-    obs = [rng.normal(size=(3, 39)) for _ in range(3)]
-    policy = HarmoDTPolicy(model)
-    policy.reset(TWO_TASKS + ["pick-place-v3"])
-    calls, hook = _capture_inputs(model)
-    try:
-        policy.act(obs[0])
-        subset = policy.act(obs[1][[0, 2]], rewards=[1.0, 2.0], active=[0, 2])
-        policy.reset(["pick-place-v3"], slots=[1])
-        restarted = policy.act(obs[2][[1]], active=[1])
-    finally:
-        hook.remove()
-    assert [c["states"].shape[0] for c in calls] == [3, 2, 1]
-    assert policy.steps == [2, 1, 2] and policy.task_ids == [0, 2, 2]
-
-    for slot, task in ((0, "reach-v3"), (2, "pick-place-v3")):
-        alone = HarmoDTPolicy(model)
-        alone.reset([task])
-        alone.act(obs[0][[slot]])
-        reward = [1.0] if slot == 0 else [2.0]
-        np.testing.assert_array_equal(alone.act(obs[1][[slot]], reward)[0], subset[[0, 2].index(slot)])
-    fresh = HarmoDTPolicy(model)
-    fresh.reset(["pick-place-v3"])
-    np.testing.assert_array_equal(fresh.act(obs[2][[1]])[0], restarted[0])
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_policy_prompt_cache_acts_like_feeding_the_prompt(model, precision, one_torch_thread):
-    """cache_prompt=True (the default) passes each task's prompt encoded once (the model sees no prompt tokens) and
-    gives the actions of feeding the prompt at every step, up to float rounding; restarting a slot with another task
-    re-encodes that slot's prompt."""
-    rng = np.random.default_rng(4)
-    obs = [rng.normal(size=(3, 39)) for _ in range(4)]
-    rewards = [None] + [rng.uniform(0, 5, size=3) for _ in range(3)]
-    tasks = ["push-v3", "reach-v3", "push-v3"]
-    policies = {cache: HarmoDTPolicy(model, precision=precision, cache_prompt=cache) for cache in (True, False)}
-    actions = {}
-    calls, hook = _capture_inputs(model)
-    try:
-        for cache, policy in policies.items():
-            policy.reset(tasks)
-            actions[cache] = [policy.act(o, r) for o, r in zip(obs[:3], rewards[:3], strict=True)]
-            policy.reset(["pick-place-v3"], slots=[1])
-            actions[cache].append(policy.act(obs[3][[1]], active=[1]))
-    finally:
-        hook.remove()
-    cached_calls, fed_calls = calls[:4], calls[4:]
-    assert all(c["prompt"] is None and c["prompt_key_values"] is not None for c in cached_calls)
-    assert all(c["prompt"] is not None and c["prompt_key_values"] is None for c in fed_calls)
-    assert cached_calls[-1]["prompt_key_values"].task_ids.tolist() == [2]
-    tolerance = 1e-5 if precision == "fp32" else 3e-2  # bf16: activations rounded at different row counts
-    for cached, fed in zip(actions[True], actions[False], strict=True):
-        np.testing.assert_allclose(cached, fed, atol=tolerance)
-    # Not vacuous: the restarted slot acts for pick-place with its fresh prompt, unlike the old reach episode.
-    fresh = HarmoDTPolicy(model, precision=precision)
-    fresh.reset(["pick-place-v3"])
-    np.testing.assert_array_equal(fresh.act(obs[3][[1]]), actions[True][-1])
-
-
-def test_policy_picks_the_encoded_prompts_of_a_slot_subset_once(model):
-    """Acting for the same subset of slots step after step reuses one copy of their encoded prompts (a pipelined
-    evaluation alternates two subsets); a reset makes a fresh one."""
-    rng = np.random.default_rng(5)
-    policy = HarmoDTPolicy(model)
-    policy.reset(TWO_TASKS + ["pick-place-v3", "push-v3"])
-    calls, hook = _capture_inputs(model)
-    try:
-        for step in range(3):
-            for wave in ([0, 2], [1, 3]):
-                rewards = None if step == 0 else rng.uniform(0, 1, size=2)
-                policy.act(rng.normal(size=(2, 39)), rewards, active=wave)
-        policy.reset(["reach-v3"], slots=[2])
-        policy.act(rng.normal(size=(2, 39)), active=[0, 2], rewards=[0.5, 0.0])
-    finally:
-        hook.remove()
-    picked = [c["prompt_key_values"] for c in calls]
-    assert picked[0] is picked[2] is picked[4] and picked[1] is picked[3] is picked[5] and picked[0] is not picked[1]
-    assert picked[0].task_ids.tolist() == [0, 2] and picked[1].task_ids.tolist() == [1, 1]
-    assert picked[6] is not picked[0] and picked[6].task_ids.tolist() == [0, 0]
-
-
-def test_policy_precision_is_its_own_whatever_autocast_encloses_it(model):
-    """fp32 stays fp32 inside an enclosing bf16 autocast region (e.g. a training step's); bf16 is bf16 either way;
-    actions come back as float32."""
-    obs = np.random.default_rng(3).normal(size=(2, 39))
-
-    def first_actions(precision: str, enclosing_autocast: bool) -> np.ndarray:
-        policy = HarmoDTPolicy(model, precision=precision)
-        policy.reset(TWO_TASKS)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enclosing_autocast):
-            return policy.act(obs)
-
-    fp32, bf16 = first_actions("fp32", False), first_actions("bf16", False)
-    assert fp32.dtype == bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)
-    np.testing.assert_array_equal(first_actions("fp32", True), fp32)
-    np.testing.assert_array_equal(first_actions("bf16", True), bf16)
-
-
-def test_policy_bad_inputs(model):
-    policy = HarmoDTPolicy(model)
-    with pytest.raises(ValueError, match="door-open-v3.*not one of this model's"):
-        policy.reset(["door-open-v3"])
-    with pytest.raises(ValueError, match="task id"):
-        policy.reset([3])
-    policy.reset(TWO_TASKS)
-    with pytest.raises(ValueError, match="state_dim=39"):
-        policy.act(np.zeros((2, 38)))
-    with pytest.raises(ValueError, match="2 observations for 1 active"):
-        policy.act(np.zeros((2, 39)), active=[0])
-    with pytest.raises(ValueError, match="slot indices"):
-        policy.act(np.zeros((1, 39)), active=[5])
-    policy.act(np.zeros((2, 39)))
-    with pytest.raises(ValueError, match="rewards are required"):
-        policy.act(np.zeros((2, 39)))
-    with pytest.raises(ValueError, match="reset got 2 tasks for 1 slots"):
-        policy.reset(TWO_TASKS, slots=[0])
-    unprompted = make_model(use_prompt=True)
-    unprompted.stored_prompt_attention_mask.zero_()
-    with pytest.raises(ValueError, match="no stored prompt"):
-        HarmoDTPolicy(unprompted).reset(["reach-v3"])
-
-
 def test_bad_precision_names_the_allowed_values(model):
     for bad in ("fp16", "bfloat16", torch.bfloat16, None):
         with pytest.raises(ValueError, match=r"precision must be one of \['bf16', 'fp32'\]"):
@@ -616,7 +394,7 @@ def _collate(items: list[dict]) -> dict:
 
 @pytest.mark.slow
 def test_success_rate_callback_with_plain_trainer(tmp_path):
-    model = make_model()
+    model = tiny_prompted_model()
     model.train()
     callback = SuccessRateCallback(eval_tasks=["reach-v3"], eval_episodes=1, eval_steps=2, max_steps=8, num_workers=0)
     modes = []
@@ -659,8 +437,8 @@ def test_success_rate_callback_does_nothing_off_rank_zero(tmp_path):
     callback = SuccessRateCallback(eval_tasks=["reach-v3"], eval_episodes=1, eval_steps=1, num_workers=0)
     state = TrainerState(global_step=1, is_world_process_zero=False)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    model = make_model()
-    calls, hook = _capture_inputs(model)
+    model = tiny_prompted_model()
+    calls, hook = capture_forward_inputs(model)
     callback.on_step_end(args, state, TrainerControl(), model=model)
     callback.on_train_end(args, state, TrainerControl(), model=model)
     hook.remove()
