@@ -62,14 +62,14 @@ def paper_model(tasks: list[str], seed: int = 0, device: str = "cpu") -> HarmoDT
     return model.to(device)
 
 
-def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[float, float, dict]:
-    """The official-style loop: one episode at a time, batch-1 forward per step.
+def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[float, float, dict, dict]:
+    """The official-style loop: one episode at a time, batch-1 forward per step, every episode ``max_steps`` long.
 
     Returns the wall time of the per-task setup (building each task's MT1 goal list, once per task), the wall time of
-    the episodes themselves (env construction included) and the actions.
+    the episodes themselves (env construction included), the actions and the successes (at any step).
     """
     setup = episodes_time = 0.0
-    actions = {}
+    actions, successes = {}, {}
     # The official evaluation masks the weights once (apply_final_mask + load_state_dict), then runs plain forwards:
     # the masked weights are built once here too, not at every forward.
     model.cache_masked_weights(True)
@@ -79,20 +79,22 @@ def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[
         setup += time.perf_counter() - start
         start = time.perf_counter()
         for e in range(episodes):
-            policy = HarmoDTPolicy(model, cache_prompt=False)  # the prompt tokens in every forward, as officially
+            # The prompt tokens in every forward and the full forward over the window, as officially.
+            policy = HarmoDTPolicy(model, cache_prompt=False, last_action_only=False)
             policy.reset([task])
             env = make_env(task, e, seed)
             obs, _ = env.reset(seed=episode_reset_seed(seed, task, e))
-            reward, taken = None, []
+            reward, taken, success = None, [], False
             for _ in range(max_steps):
                 action = policy.act(obs[None], None if reward is None else [reward])[0]
                 taken.append(action)
-                obs, reward, _, _, _ = env.step(action)
-            actions[(task, e)] = np.array(taken)
+                obs, reward, _, _, info = env.step(action)
+                success |= bool(info["success"])
+            actions[(task, e)], successes[(task, e)] = np.array(taken), success
             env.close()
         episodes_time += time.perf_counter() - start
     model.cache_masked_weights(False)
-    return setup, episodes_time, actions
+    return setup, episodes_time, actions, successes
 
 
 def zero_action_steps(tasks, episodes: int, seed: int, max_steps: int) -> tuple[float, int]:
@@ -112,6 +114,20 @@ def zero_action_steps(tasks, episodes: int, seed: int, max_steps: int) -> tuple[
     for env in envs:
         env.close()
     return elapsed, len(envs) * max_steps
+
+
+def load_model(args: argparse.Namespace) -> tuple[HarmoDTModel, list[str]]:
+    """The trained model of ``--model`` (its tasks, or ``--tasks`` among them), or a random paper-size one."""
+    asked = None if args.tasks is None else resolve_tasks(args.tasks.split(",") if "," in args.tasks else args.tasks)
+    if args.model is None:
+        return paper_model(asked, device=args.device), asked
+    model = HarmoDTModel.from_pretrained(args.model).to(args.device).eval()
+    names = model.config.task_names
+    tasks = names if asked is None else asked
+    unknown = [task for task in tasks if task not in names]
+    if unknown:
+        raise SystemExit(f"--tasks {unknown} are not tasks of the model {args.model} ({names})")
+    return model, tasks
 
 
 def main() -> None:
@@ -134,7 +150,17 @@ def main() -> None:
         help="time the sequential baseline on the first N episodes per task and extrapolate per env step",
     )
     parser.add_argument("--device", default="cpu", help="model device (cpu, cuda, ...)")
-    parser.add_argument("--tasks", default="mt10", help="task set (mt5, mt10, mt30, mt50) or comma-separated names")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="task set (mt5, mt10, mt30, mt50) or comma-separated names (default: mt10, or all of --model's tasks)",
+    )
+    parser.add_argument("--model", default=None, help="a trained model folder (default: random paper-size weights)")
+    parser.add_argument(
+        "--stop-on-success",
+        action="store_true",
+        help="batched runs end each episode at its first success (the baseline runs every step, as officially)",
+    )
     parser.add_argument(
         "--unpipelined",
         action="store_true",
@@ -150,16 +176,18 @@ def main() -> None:
     seq_episodes = args.episodes if args.sequential_episodes is None else args.sequential_episodes
     if not 1 <= seq_episodes <= args.episodes:
         parser.error(f"--sequential-episodes must be in [1, --episodes={args.episodes}], got {seq_episodes}")
+    if args.model is None and args.tasks is None:
+        args.tasks = "mt10"
     torch.set_num_threads(args.threads)
-    tasks = resolve_tasks(args.tasks if "," not in args.tasks else args.tasks.split(","))
-    model = paper_model(tasks, device=args.device)
-    n_env_steps = len(tasks) * args.episodes * args.max_steps
+    model, tasks = load_model(args)
+    n_env_steps = len(tasks) * args.episodes * args.max_steps  # the full protocol: every episode max_steps long
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores, {args.device}")
     shape = f"{len(tasks)} tasks x {args.episodes} episodes x {args.max_steps} steps"
-    print(f"{shape} = {n_env_steps} env steps, paper-size model")
+    what = f"model {args.model}" if args.model else "paper-size model, random weights"
+    print(f"{shape} = {n_env_steps} env steps, {what}, batched stop_on_success={args.stop_on_success}")
     precisions = list(dict.fromkeys(["fp32", args.precision]))
 
-    kwargs = dict(tasks=tasks, episodes_per_task=args.episodes, seed=args.seed, stop_on_success=False)
+    kwargs = dict(tasks=tasks, episodes_per_task=args.episodes, seed=args.seed, stop_on_success=args.stop_on_success)
     # Warm-up: imports, first forwards, and the env workers' forkserver (started once per process).
     for precision in precisions:
         evaluate(model, **kwargs, max_steps=2, num_workers=args.num_workers, precision=precision)
@@ -169,7 +197,7 @@ def main() -> None:
         extra_runs["not pipelined"] = dict(num_workers=args.num_workers, pipeline=False)
     if args.in_process:
         extra_runs["envs in-process"] = dict(num_workers=0)
-    batched, actions = {}, {}
+    batched, actions, successes, steps_run = {}, {}, {}, {}
     variants: dict[str, dict[str, float]] = {label: {} for label in extra_runs}  # label -> precision -> wall time
     for precision in precisions:
         _benchmark.cache_clear()  # every timed run builds its environments (MT1 goal lists included)
@@ -177,18 +205,23 @@ def main() -> None:
             model, **kwargs, max_steps=args.max_steps, num_workers=args.num_workers, record_actions=True,
             precision=precision,
         )  # fmt: skip
-        assert results["env_steps"] == n_env_steps and results["precision"] == precision
+        assert results["precision"] == precision
+        assert args.stop_on_success or results["env_steps"] == n_env_steps
         batched[precision], workers = results["wall_time_s"], results["num_workers"]
+        steps_run[precision] = results["env_steps"]
+        per_task = results["per_task"]
         actions[precision] = {
-            (task, e): np.array(results["per_task"][task]["actions"][e], dtype=np.float32)
+            (task, e): np.array(per_task[task]["actions"][e], dtype=np.float32)
             for task in tasks
             for e in range(seq_episodes)
         }
+        successes[precision] = {(t, e): per_task[t]["successes"][e] for t in tasks for e in range(args.episodes)}
         piped = " (pipelined)" if results["pipeline"] else ""
         setup, steps = results["env_setup_s"], batched[precision] - results["env_setup_s"]
         print(
             f"batched evaluate {precision}, {workers} env workers{piped}: {batched[precision]:.2f} s "
-            f"({setup:.2f} s building the environments, {1000 * steps / args.max_steps:.1f} ms per step after)",
+            f"({setup:.2f} s building the environments, then {1000 * steps / args.max_steps:.1f} ms per step of the "
+            f"longest episode), {results['env_steps']} env steps, mean success {results['mean_success_rate']:.3f}",
             flush=True,
         )
         for label, overrides in extra_runs.items() if precision == args.precision else ():
@@ -197,15 +230,20 @@ def main() -> None:
             variants[label][precision] = run["wall_time_s"]
             print(f"batched evaluate {precision}, {label}: {run['wall_time_s']:.2f} s", flush=True)
     _benchmark.cache_clear()
-    seq_setup, seq_episodes_time, seq_actions = sequential(model, tasks, seq_episodes, args.seed, args.max_steps)
+    seq_setup, seq_episodes_time, seq_actions, seq_successes = sequential(
+        model, tasks, seq_episodes, args.seed, args.max_steps
+    )
     seq_measured = seq_setup + seq_episodes_time
     seq_steps = len(tasks) * seq_episodes * args.max_steps
     # Per-task setup once, the episodes scaled per env step (= seq_measured when every episode ran).
     seq_time = seq_setup + seq_episodes_time * n_env_steps / seq_steps
     extrapolated = seq_steps != n_env_steps
     print(f"sequential loop ({seq_episodes} episode(s) per task): {seq_measured:.2f} s", flush=True)
-    max_diff = {
-        precision: max(float(np.abs(actions[precision][key] - seq_actions[key]).max()) for key in seq_actions)
+    max_diff = {  # over the steps both ran (a batched episode may have stopped at its first success)
+        precision: max(
+            float(np.abs(actions[precision][key] - seq_actions[key][: len(actions[precision][key])]).max())
+            for key in seq_actions
+        )
         for precision in precisions
     }
     # The simulator alone, on the baseline's episodes (a rate: env steps/s of one process).
@@ -224,10 +262,10 @@ def main() -> None:
             f"for {seq_steps} env steps, scaled per env step to all {n_env_steps}"
         )
     for precision in precisions:
-        row(f"batched evaluate {precision}, {workers} env workers", batched[precision])
+        row(f"batched evaluate {precision}, {workers} env workers", batched[precision], steps_run[precision])
         for label, times in variants.items():
             if precision in times:
-                row(f"batched evaluate {precision}, {label}", times[precision])
+                row(f"batched evaluate {precision}, {label}", times[precision], steps_run[precision])
     row("zero-action env stepping (1 process)", sim_time, sim_steps)
     note = " [sequential time extrapolated]" if extrapolated else ""
     for precision in precisions:
@@ -236,8 +274,8 @@ def main() -> None:
             if precision in times:
                 line += f" ({label}: {seq_time / times[precision]:.2f}x)"
         print(line + note)
-    sim_rate = sim_steps / sim_time
-    fraction = n_env_steps / min(batched.values()) / sim_rate
+    fastest = min(precisions, key=batched.get)
+    fraction = steps_run[fastest] / batched[fastest] / (sim_steps / sim_time)
     print(f"batched env-steps/s as a fraction of the simulator alone (1 process): {fraction:.3f}")
     for precision in precisions:
         expected = (
@@ -248,6 +286,12 @@ def main() -> None:
         print(
             f"max |action difference| batched {precision} vs sequential fp32 over all steps of the baseline's "
             f"episodes: {max_diff[precision]:.3g} ({expected})"
+        )
+        agree = sum(successes[precision][key] == seq_successes[key] for key in seq_successes)
+        print(
+            f"success (any step) batched {precision} vs sequential fp32 on the baseline's episodes: {agree} of "
+            f"{len(seq_successes)} episodes agree; success rate {np.mean(list(successes[precision].values())):.3f} "
+            f"batched (all episodes), {np.mean(list(seq_successes.values())):.3f} sequential"
         )
 
 

@@ -314,6 +314,7 @@ class MaskedLinear(nn.Module):
         sample's output does not depend on the other groups in the batch."""
         dtype = _compute_dtype(x)
         x_c = x.to(dtype)
+        self._valid_weight_cache(dtype)  # first: it renews the cached bias too when the dtype or weights changed
         bias, sizes, out = self._bias_cache, groups.sizes, self.out_features
         if _use_batched_groups(self.group_matmul, x, sizes, True):
             x3 = x_c.reshape(len(sizes), -1, self.in_features)

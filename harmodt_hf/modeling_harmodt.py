@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +33,10 @@ class HarmoDTOutput(ModelOutput):
 
     Args:
         loss: masked MSE between predicted and target actions (when targets are given).
-        action_preds: predicted actions, ``(batch, K, act_dim)``, in [-1, 1].
+        action_preds: predicted actions, ``(batch, K, act_dim)`` (``(batch, 1, act_dim)`` with ``last_action_only``),
+            in [-1, 1].
         last_hidden_state: final hidden states of the whole token sequence (prompt tokens first; the steps' tokens
-            only when the prompt was passed as ``prompt_key_values``).
+            only when the prompt was passed as ``prompt_key_values``; the final two tokens with ``last_action_only``).
         hidden_states: hidden states after the embedding and after every block (``output_hidden_states=True``).
     """
 
@@ -94,14 +97,18 @@ class HarmoDTAttention(nn.Module):
         groups: TaskGroups | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_out: list | None = None,
+        rows: int | None = None,
     ) -> torch.Tensor:
         """Attend from ``x``'s tokens to ``past`` keys/values (prompt tokens, if given) and to ``x``'s own; with
-        ``kv_out``, this block's keys and values of ``x`` are appended to it."""
+        ``kv_out``, this block's keys and values of ``x`` are appended to it; with ``rows``, only the last ``rows``
+        tokens attend (every token still gives its key and value) and the output holds those tokens only."""
         batch, length, d = x.shape
         q, k, v = self.c_attn(x, groups).split(d, dim=-1)
         q, k, v = (t.view(batch, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_out is not None:
             kv_out.append((k, v))
+        if rows is not None:
+            q, attn_bias, length = q[:, :, -rows:], attn_bias[:, :, -rows:], rows
         if past is not None:
             k, v = torch.cat((past[0].to(k.dtype), k), dim=2), torch.cat((past[1].to(v.dtype), v), dim=2)
         dropout = self.attn_dropout if self.training else 0.0
@@ -149,8 +156,11 @@ class HarmoDTBlock(nn.Module):
         groups: TaskGroups | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_out: list | None = None,
+        rows: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_bias, groups, past, kv_out)
+        """``rows``: finish only the last ``rows`` tokens (see :meth:`HarmoDTAttention.forward`)."""
+        attended = self.attn(self.ln_1(x), attn_bias, groups, past, kv_out, rows)
+        x = (x if rows is None else x[:, -rows:]) + attended
         return x + self.mlp(self.ln_2(x), groups)
 
 
@@ -171,9 +181,11 @@ class HarmoDTTransformer(nn.Module):
         output_hidden_states: bool = False,
         past: PromptKeyValues | None = None,
         kv_out: list | None = None,
+        final_rows: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Run the blocks; ``past`` holds the prompt tokens' keys/values (every token may attend to the real ones),
-        ``kv_out`` collects each block's keys/values of these tokens."""
+        ``kv_out`` collects each block's keys/values of these tokens; with ``final_rows``, the last block finishes
+        only the last ``final_rows`` tokens (the output holds those)."""
         length = inputs_embeds.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=inputs_embeds.device).tril()
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
@@ -185,7 +197,8 @@ class HarmoDTTransformer(nn.Module):
         x = self.drop(inputs_embeds)
         hidden = [x] if output_hidden_states else None
         for index, block in enumerate(self.h):
-            x = block(x, attn_bias, groups, past.key_values[index] if past is not None else None, kv_out)
+            rows = final_rows if index == len(self.h) - 1 else None
+            x = block(x, attn_bias, groups, past.key_values[index] if past is not None else None, kv_out, rows)
             if hidden is not None:
                 hidden.append(x)
         x = self.ln_f(x)
@@ -302,6 +315,21 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             if not enabled:
                 layer.drop_weight_cache()
 
+    @contextmanager
+    def masked_weights_cached(self) -> Iterator[None]:
+        """Within the block, no-grad forwards use (and fill) the cache of :meth:`cache_masked_weights`; on exit every
+        layer's setting is restored and what was built stays until a forward outside the cache (such a forward drops
+        it) or ``cache_masked_weights(False)``. :class:`~harmodt_hf.evaluation.HarmoDTPolicy` acts inside it."""
+        layers = list(self.masked_layers().values())
+        previous = [layer.cache_masked_weights for layer in layers]
+        for layer in layers:
+            layer.cache_masked_weights = True
+        try:
+            yield
+        finally:
+            for layer, enabled in zip(layers, previous, strict=True):
+                layer.cache_masked_weights = enabled
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained`` that refuses checkpoints whose task masks are missing or misshapen."""
@@ -358,6 +386,7 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
         labels: torch.Tensor | None = None,
         return_loss: bool = False,
         output_hidden_states: bool = False,
+        last_action_only: bool = False,
         return_dict: bool | None = None,
     ) -> HarmoDTOutput | tuple:
         """Predict the action at every state token.
@@ -376,6 +405,12 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
                 ``hidden_states`` then hold the steps' tokens only.
             labels: target actions ``(B, K, act_dim)``; with ``return_loss=True`` and no labels, ``actions`` are the
                 targets.
+            last_action_only: compute only what the last step's action needs (acting): ``action_preds`` is
+                ``(B, 1, act_dim)``, the same as the last row of a full forward up to float rounding. The last block
+                finishes only the final two tokens, the last state and the action token after it (two, not one: on
+                CPU a single-row matmul takes another kernel, whose rounding would make a sample's action depend on
+                the batch size); ``last_hidden_state`` holds those two tokens. Not with labels, ``return_loss`` or
+                ``output_hidden_states``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
@@ -397,6 +432,11 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
                 self._check_prompt_key_values(prompt_key_values, task_ids)
         elif prompt_key_values is not None:
             raise ValueError("This model does not use prompts (config.use_prompt=False): pass no prompt_key_values")
+        if last_action_only and (labels is not None or return_loss or output_hidden_states):
+            raise ValueError(
+                "last_action_only=True computes the last step's action only: it cannot give a loss or hidden states "
+                "(drop labels/return_loss/output_hidden_states, or run a full forward)"
+            )
         if labels is None and return_loss:
             labels = actions
 
@@ -413,9 +453,17 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             tokens = torch.cat([p_tokens, tokens], dim=1)
             token_mask = torch.cat([p_mask, token_mask], dim=1)
         past = prompt_key_values if order is None or prompt_key_values is None else prompt_key_values.select(order)
-        hidden, all_hidden = self.transformer(tokens, token_mask, groups, output_hidden_states, past=past)
-        step_hidden = hidden[:, -3 * length :].reshape(batch, length, 3, config.hidden_size)
-        action_preds = torch.tanh(self.predict_action(step_hidden[:, :, 1]))
+        final_rows = 2 if last_action_only else None  # the last state token and the (unread) action token after it
+        hidden, all_hidden = self.transformer(
+            tokens, token_mask, groups, output_hidden_states, past=past, final_rows=final_rows
+        )
+        if last_action_only:  # the head on both rows, one two-row matmul per sample (see above); the state's kept
+            head = self.predict_action
+            weight = head.weight.T.expand(batch, -1, -1)
+            action_preds = torch.tanh(torch.baddbmm(head.bias, hidden, weight)[:, :1])
+        else:
+            step_hidden = hidden[:, -3 * length :].reshape(batch, length, 3, config.hidden_size)
+            action_preds = torch.tanh(self.predict_action(step_hidden[:, :, 1]))
         if order is not None:
             action_preds = action_preds[inverse]
             hidden = hidden[inverse]

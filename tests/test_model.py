@@ -288,6 +288,50 @@ def test_cached_inference_batches_equal_task_groups_without_changing_a_bit(model
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("mask_mode", ["harmony", "none"])
+def test_last_action_only_computes_the_last_action_alone(mask_mode, one_torch_thread):
+    """last_action_only=True: the last step's action of a full forward (up to float rounding), for an unsorted mixed
+    batch with the prompt fed or encoded; the last block finishes two tokens only; on cached weights (the policy's
+    path of a masked model) every sample's action is bit-identical to the sample alone; a loss or hidden states are
+    refused."""
+    torch.manual_seed(0)
+    model = HarmoDTModel(tiny_config(mask_mode=mask_mode, use_prompt=mask_mode != "none")).eval()
+    task_ids = [2, 0, 1, 0, 2, 1]
+    inputs = random_inputs(model.config, task_ids, seed=12)
+    seen = []
+    hook = model.transformer.h[-1].mlp.c_fc.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    with torch.no_grad():
+        full = model(**inputs).action_preds
+        last = model(**inputs, last_action_only=True)
+    hook.remove()
+    assert seen == [3 * model.config.context_length + (3 * model.config.prompt_length if "prompt" in inputs else 0), 2]
+    assert last.action_preds.shape == (6, 1, model.config.act_dim)
+    assert last.last_hidden_state.shape == (6, 2, model.config.hidden_size)
+    torch.testing.assert_close(last.action_preds, full[:, -1:], atol=1e-6, rtol=0)
+    if "prompt" in inputs:
+        with torch.no_grad():
+            encoded = model.encode_prompt(inputs["prompt"], inputs["task_ids"])
+            steps = {k: v for k, v in inputs.items() if k != "prompt"}
+            cached = model(**steps, prompt_key_values=encoded, last_action_only=True).action_preds
+        torch.testing.assert_close(cached, full[:, -1:], atol=1e-5, rtol=0)
+    model.cache_masked_weights(True)
+    exact = 0 if mask_mode != "none" else 1e-6  # without masks, plain linears: last bits follow the row count
+    try:
+        with torch.no_grad():
+            batch = model(**inputs, last_action_only=True).action_preds
+            for i in range(len(task_ids)):
+                single = {k: v[i : i + 1] for k, v in inputs.items() if k != "prompt"}
+                if "prompt" in inputs:
+                    single["prompt"] = {k: v[i : i + 1] for k, v in inputs["prompt"].items()}
+                alone = model(**single, last_action_only=True).action_preds
+                torch.testing.assert_close(alone, batch[i : i + 1], atol=exact, rtol=0)
+    finally:
+        model.cache_masked_weights(False)
+    for extra in (dict(return_loss=True), dict(labels=inputs["actions"]), dict(output_hidden_states=True)):
+        with pytest.raises(ValueError, match="last_action_only=True computes the last step's action only"):
+            model(**inputs, last_action_only=True, **extra)
+
+
 def test_left_padding_does_not_change_real_steps(model):
     inputs = random_inputs(model.config, [1], seed=2)
     inputs["attention_mask"][:] = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import capture_forward_inputs, tiny_prompted_model
+from helpers import capture_forward_inputs, random_inputs, tiny_prompted_model
 
 from harmodt_hf import HarmoDTModel
 from harmodt_hf.evaluation import HarmoDTPolicy
@@ -173,6 +173,40 @@ def test_policy_precision_is_its_own_whatever_autocast_encloses_it(model):
     assert fp32.dtype == bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)
     np.testing.assert_array_equal(first_actions("fp32", True), fp32)
     np.testing.assert_array_equal(first_actions("bf16", True), bf16)
+
+
+def test_policy_builds_the_masked_weights_once_and_acts_on_the_last_action_only(one_torch_thread):
+    """The policy keeps each task's masked weights in the model between steps (no call from the user), whatever the
+    precision it switches to, and a later forward outside it drops them; each step's forward asks for the last
+    action only, with the same actions as full forwards up to float rounding."""
+    model = tiny_prompted_model()
+    layer = model.transformer.h[0].attn.c_attn
+    obs = np.random.default_rng(5).normal(size=(3, 2, 39))
+    tasks = TWO_TASKS + ["reach-v3"]
+    calls, hook = capture_forward_inputs(model)
+    actions = {}
+    try:
+        for last_only in (True, False):
+            policy = HarmoDTPolicy(model, last_action_only=last_only)
+            policy.reset(tasks)
+            actions[last_only] = [policy.act(o.repeat(2, 0)[:3], None if i == 0 else [1.0] * 3) for i, o in
+                                  enumerate(obs)]  # fmt: skip
+            assert layer._weight_cache and not layer.cache_masked_weights  # built, kept, flag restored
+    finally:
+        hook.remove()
+    assert [c["last_action_only"] for c in calls] == [True] * 3 + [False] * 3
+    for last_only, full in zip(actions[True], actions[False], strict=True):
+        np.testing.assert_allclose(last_only, full, atol=1e-6)
+    cache = layer._weight_cache
+    for precision in ("bf16", "fp32"):  # the cached bias and weights follow the compute dtype
+        policy = HarmoDTPolicy(model, precision=precision)
+        policy.reset(tasks)
+        assert policy.act(obs[0].repeat(2, 0)[:3]).shape == (3, 4)
+    assert layer._weight_cache is not cache
+    inputs = random_inputs(model.config, [0, 1], seed=1)
+    with torch.no_grad():
+        model(**inputs)
+    assert not layer._weight_cache  # a forward outside the policy drops the masked copies
 
 
 def test_policy_bad_inputs(model):
