@@ -3,19 +3,25 @@
     python benchmarks/bench_eval.py --episodes 3 --max-steps 50 --threads 1
     python benchmarks/bench_eval.py --episodes 3 --max-steps 50 --threads 1 --precision bf16
     python benchmarks/bench_eval.py --device cuda --episodes 50 --max-steps 500 --precision bf16 --sequential-episodes 1
+    python benchmarks/bench_eval.py --model runs/main_job/model --episodes 3 --max-steps 500 --stop-on-success
 
 Model: paper size (HarmoDTConfig defaults: 6 layers, d=256, K=20, prompt 5, harmony masks) for the ``--tasks`` (MT10
-by default), random weights and random stored prompts. Episodes: tasks x ``--episodes``, ``--max-steps`` steps each,
-no stop on success in either run, so both do exactly the same env steps and forwards. Baseline: one episode after
-another, a batch-1 forward per step over the prompt and context tokens (HarmoDTPolicy with one slot and
-``cache_prompt=False``, as the official Prompt-DT loop does), on masked weights built once (the official evaluation
-masks the model once before its episodes; baselines before 2026-11-26 rebuilt them at every forward, ~7 ms of a
-~18 ms step on CPU, which inflated the printed ratios by ~1.5x). The batched run is ``harmodt_hf.evaluation.evaluate``
-(prompt keys/values encoded once per episode, env stepping pipelined with the policy when there are >= 2 env
-workers). Both wall times include building the environments. The actions of both runs are compared (max absolute
-difference). Then the same envs are stepped with zero
-actions in one process (the simulator's own limit). Torch uses ``--threads`` threads in every run (1:
-bit-identical actions; robust on a machine whose cores are shared).
+by default), random weights and random stored prompts; or a trained model folder (``--model``, all its tasks unless
+``--tasks`` picks some). Episodes: tasks x ``--episodes``, ``--max-steps`` steps each. Baseline: one episode after
+another, a batch-1 forward per step over the prompt and all context tokens (HarmoDTPolicy with one slot,
+``cache_prompt=False`` and ``last_action_only=False``, as the official Prompt-DT loop does), on masked weights built
+once (the official evaluation masks the model once before its episodes; baselines before 2026-11-26 rebuilt them at
+every forward, ~7 ms of a ~18 ms step on CPU, which inflated the printed ratios by ~1.5x), every episode run to
+``--max-steps`` as officially. The batched run is ``harmodt_hf.evaluation.evaluate`` (prompt keys/values encoded once
+per episode, only what the last action needs computed, env stepping pipelined with the policy when there are >= 2 env
+workers); with ``--stop-on-success`` it ends each episode at its first success, which gives the same success rates
+(success = success at any step) with fewer steps, so the printed agreement of successes matters there. Both wall
+times include building the environments: the baseline builds each task's ``MT1`` once, as the official code does;
+the batched runs read the goal lists from harmodt-hf's on-disk cache (``harmodt_hf.goal_cache``, filled by the
+warm-up run; the first evaluation on a machine builds them, ~0.5 s per task). The actions of both runs are compared
+over the steps both ran (max absolute difference). Then the same envs are stepped with zero actions in one process
+(the simulator's own limit). Torch uses ``--threads`` threads in every run (1: bit-identical actions; robust on a
+machine whose cores are shared).
 
 ``--precision bf16`` also times the batched runs with ``evaluate(precision="bf16")`` (bf16 autocast); the fp32
 batched run and the sequential baseline (always the official fp32 batch-1 loop) stay, so the speed-ups of both
@@ -37,6 +43,7 @@ import argparse
 import os
 import time
 
+import metaworld
 import numpy as np
 import torch
 
@@ -75,14 +82,15 @@ def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[
     model.cache_masked_weights(True)
     for task in tasks:
         start = time.perf_counter()
-        _benchmark(task, seed)  # what the task's first make_env would build
+        bench = metaworld.MT1(task, seed=seed)  # built once per task, as officially (no goal cache)
         setup += time.perf_counter() - start
         start = time.perf_counter()
         for e in range(episodes):
             # The prompt tokens in every forward and the full forward over the window, as officially.
             policy = HarmoDTPolicy(model, cache_prompt=False, last_action_only=False)
             policy.reset([task])
-            env = make_env(task, e, seed)
+            env = bench.train_classes[task]()  # what make_env(task, e, seed) builds
+            env.set_task(bench.train_tasks[e])
             obs, _ = env.reset(seed=episode_reset_seed(seed, task, e))
             reward, taken, success = None, [], False
             for _ in range(max_steps):
@@ -200,7 +208,7 @@ def main() -> None:
     batched, actions, successes, steps_run = {}, {}, {}, {}
     variants: dict[str, dict[str, float]] = {label: {} for label in extra_runs}  # label -> precision -> wall time
     for precision in precisions:
-        _benchmark.cache_clear()  # every timed run builds its environments (MT1 goal lists included)
+        _benchmark.cache_clear()  # every timed run builds its environments (goal lists read from the disk cache)
         results = evaluate(
             model, **kwargs, max_steps=args.max_steps, num_workers=args.num_workers, record_actions=True,
             precision=precision,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
+
+from .goal_cache import cached_goals
 
 # The canonical MT50 order used by MTDiff/HarmoDT (v2 names there, v3 here). MT5 and MT30 are prefixes of it.
 MT50: tuple[str, ...] = tuple(
@@ -113,16 +116,24 @@ def resolve_tasks(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
-@lru_cache(maxsize=64)
-def _benchmark(task_name: str, seed: int):
-    import metaworld
+class _TaskGoals(NamedTuple):
+    """What ``make_env`` needs of ``MT1(task, seed)``: the task's env class and its goal list."""
 
-    return metaworld.MT1(task_name, seed=seed)
+    env_class: type
+    goals: list
+
+
+@lru_cache(maxsize=64)
+def _benchmark(task_name: str, seed: int) -> _TaskGoals:
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    return _TaskGoals(ALL_V3_ENVIRONMENTS[task_name], cached_goals(task_name, seed))
 
 
 def goals(task_name: str, seed: int = 0) -> list:
-    """The task's goal list (``MT1(task).train_tasks``, 50 goals), as the official evaluation uses."""
-    return list(_benchmark(check_task_name(task_name), seed).train_tasks)
+    """The task's goal list (``MT1(task).train_tasks``, 50 goals), as the official evaluation uses; kept on disk
+    after the first build (:mod:`harmodt_hf.goal_cache`)."""
+    return list(_benchmark(check_task_name(task_name), seed).goals)
 
 
 def make_env(task_name: str, goal_index: int = 0, seed: int = 0):
@@ -131,9 +142,8 @@ def make_env(task_name: str, goal_index: int = 0, seed: int = 0):
     Episodes last ``EPISODE_LENGTH`` steps; ``info['success']`` reports success.
     """
     bench = _benchmark(check_task_name(task_name), seed)
-    env = bench.train_classes[task_name]()
-    task_goals = bench.train_tasks
-    if not 0 <= goal_index < len(task_goals):
-        raise ValueError(f"goal_index must be in [0, {len(task_goals)}), got {goal_index}")
-    env.set_task(task_goals[goal_index])
+    if not 0 <= goal_index < len(bench.goals):
+        raise ValueError(f"goal_index must be in [0, {len(bench.goals)}), got {goal_index}")
+    env = bench.env_class()
+    env.set_task(bench.goals[goal_index])
     return env

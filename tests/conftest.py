@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,6 +16,8 @@ from hub_server import HubServer
 # The test models are tiny: one torch thread is faster than two, and two collapse on a busy 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# A fresh goal-list cache per session (inherited by env workers and subprocesses), never the user's.
+os.environ["HARMODT_HF_CACHE"] = tempfile.mkdtemp(prefix="harmodt-hf-test-cache-")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loopback Hub: `hub_server` (tests/hub_server.py)
