@@ -13,6 +13,7 @@ parameters are dicts ``name -> tensor (*param_shape)``; per-task gradients and s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -148,14 +149,16 @@ def select_prune_regrow(
             if _has_nan(tensor):
                 raise ValueError(f"{what} contain NaN")
 
-    def layer_scores(name: str, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_scores(name: str, mask: torch.Tensor, prune_out, regrow_out) -> tuple[torch.Tensor, torch.Tensor]:
         num_tasks = mask.shape[0]
-        return prune_scores[name].reshape(num_tasks, -1).clone(), regrow_scores[name].reshape(num_tasks, -1).clone()
+        prune = prune_out.copy_(prune_scores[name].reshape(num_tasks, -1))
+        return prune, regrow_out.copy_(regrow_scores[name].reshape(num_tasks, -1))
 
     def exact_rows(task: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _cat_row(prune_scores, task), _cat_row(regrow_scores, task)
 
-    return _select_by_layer(masks, k, layer_scores, exact_rows)
+    dtype = _common_dtype([*prune_scores.values(), *regrow_scores.values()])
+    return _select_by_layer(masks, k, layer_scores, exact_rows, dtype)
 
 
 def harmony_prune_regrow(
@@ -181,24 +184,27 @@ def harmony_prune_regrow(
         raise ValueError('importance kind "magnitude" needs params')
     _check_same_layout(masks, task_grads, "task_grads")
 
-    def layer_scores(name: str, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grads_dtype = _common_dtype(task_grads.values())
+    if not grads_dtype.is_floating_point:
+        raise ValueError(f"task_grads must be floating point gradients, got {grads_dtype}")
+
+    def layer_scores(name: str, mask: torch.Tensor, prune_out, regrow_out) -> tuple[torch.Tensor, torch.Tensor]:
         num_tasks = mask.shape[0]
         grads = task_grads[name].reshape(num_tasks, -1)
         if not grads.is_floating_point() or not torch.isfinite(grads.sum()):
             raise ValueError(f"task_grads[{name!r}] must be finite floating point gradients")
-        agreement = grads if overwrite_grads else grads.clone()
+        agreement = grads if overwrite_grads and grads.dtype == grads_dtype else regrow_out.copy_(grads)
         mean = agreement.mean(dim=0, keepdim=True)
         if kind == "fisher":
-            prune = agreement * agreement
+            prune = torch.mul(agreement, agreement, out=prune_out)
         else:
             if name not in params:
                 raise ValueError(f"params lacks {name!r}, needed for magnitude importance")
-            prune = params[name].detach().abs().reshape(1, -1).expand(num_tasks, -1)
+            prune = prune_out.copy_(params[name].detach().abs().reshape(1, -1).expand(num_tasks, -1))
         agreement.mul_(mean)  # ḡ ⊙ g_i, the same product as agreement_scores
-        prune = prune.add_(agreement, alpha=gamma) if kind == "fisher" else prune.add(agreement, alpha=gamma)
-        return prune, agreement
+        return prune.add_(agreement, alpha=gamma), agreement
 
-    return _select_by_layer(masks, k, layer_scores, exact_rows=None)
+    return _select_by_layer(masks, k, layer_scores, None, grads_dtype)
 
 
 def _has_nan(scores: torch.Tensor) -> bool:
@@ -210,12 +216,18 @@ def _cat_row(tensors: Mapping[str, torch.Tensor], task: int) -> torch.Tensor:
     return torch.cat([t[task].reshape(-1) for t in tensors.values()])
 
 
-def _select_by_layer(masks, k, layer_scores, exact_rows) -> tuple[dict[str, torch.Tensor], dict]:
+def _common_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
+def _select_by_layer(masks, k, layer_scores, exact_rows, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
     """Selection engine of the harmony rule, one parameter at a time.
 
-    ``layer_scores(name, mask)`` returns fresh ``(T, n)`` prune and regrow scores of one parameter, which are
-    overwritten here. ``exact_rows(task)`` returns that task's full flat score rows for the rare exact fallback
-    (``None``: an infinite score on a selected candidate is an error instead).
+    ``layer_scores(name, mask, prune_out, regrow_out)`` returns a parameter's ``(T, n)`` prune and regrow scores,
+    which are overwritten here: written into the two ``dtype`` work buffers it is given (reused from parameter to
+    parameter: fresh large allocations cost page faults on every first touch) or into tensors it owns.
+    ``exact_rows(task)`` returns that task's full flat score rows for the rare exact fallback (``None``: an infinite
+    score on a selected candidate is an error instead).
     """
     names, flat, offsets, active = _layout(masks)
     num_tasks = active.shape[0]
@@ -227,15 +239,22 @@ def _select_by_layer(masks, k, layer_scores, exact_rows) -> tuple[dict[str, torc
 
     prune_cands: list[tuple[torch.Tensor, torch.Tensor]] = []
     regrow_cands: list[tuple[torch.Tensor, torch.Tensor]] = []
+    size = num_tasks * max(f.shape[1] for f in flat.values())
+    prune_buf, regrow_buf, penalty_buf = torch.empty(3, size, dtype=dtype, device=device).unbind(0)
     for name, offset in zip(names, offsets, strict=True):
         mask = flat[name]
-        prune, regrow = layer_scores(name, masks[name])
-        prune.masked_fill_(~mask, math.inf)
-        regrow.masked_fill_(mask, -math.inf)
+        shape = mask.shape
+        work = (buf[: mask.numel()].view(shape) for buf in (prune_buf, regrow_buf))
+        prune, regrow = layer_scores(name, masks[name], *work)
+        # -inf where active, +inf where inactive: max/min exclude entries in one vectorised pass each (on CPU several
+        # times faster than masked_fill_); scores hold no NaN (checked), so nothing else changes.
+        penalty = penalty_buf[: mask.numel()].view(shape).copy_(mask.view(torch.uint8)).sub_(0.5).mul_(-math.inf)
+        torch.maximum(prune, penalty, out=prune)  # inactive: +inf, never pruned
+        torch.minimum(regrow, penalty, out=regrow)  # active: -inf, never regrown
         kk = min(k, mask.shape[1])
-        values, indices = torch.topk(prune, kk, dim=1, largest=False)
+        values, indices = _row_topk(prune, kk, largest=False)
         prune_cands.append((values, indices + offset))
-        values, indices = torch.topk(regrow, kk, dim=1, largest=True)
+        values, indices = _row_topk(regrow, kk, largest=True)
         regrow_cands.append((values, indices + offset))
         del prune, regrow
     prune_idx = _best_candidates(prune_cands, k, largest=False)
@@ -264,6 +283,22 @@ def _layout(masks: Mapping[str, torch.Tensor]):
     offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
     active = sum(_row_counts(flat[n]) for n in names)
     return names, flat, offsets, active
+
+
+def _row_topk(scores: torch.Tensor, k: int, largest: bool, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=1, largest=largest)`` for ``(T, n)`` rows much longer than ``k``, in about one
+    vectorised read instead of a sort-based scan: rows are cut into blocks of ``block`` entries, the k blocks with the
+    best entry are kept (the row's k best entries all lie in them), and ``topk`` runs on those ``k * block`` entries.
+    The values are exactly ``torch.topk``'s; among equal values the indices may differ (as ``topk`` leaves open)."""
+    num_rows, n = scores.shape
+    if n % block or n < 4 * block * k:
+        return torch.topk(scores, k, dim=1, largest=largest)
+    blocks = scores.view(num_rows, n // block, block)
+    best = blocks.amax(dim=2) if largest else blocks.amin(dim=2)
+    kept = torch.topk(best, k, dim=1, largest=largest).indices  # (T, k) block numbers
+    candidates = blocks.gather(1, kept.unsqueeze(2).expand(-1, -1, block)).reshape(num_rows, k * block)
+    values, position = torch.topk(candidates, k, dim=1, largest=largest)
+    return values, kept.gather(1, position // block) * block + position % block
 
 
 def _best_candidates(cands: list[tuple[torch.Tensor, torch.Tensor]], k: int, largest: bool) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from harmodt_hf.mask_update import (
     _official_mean_gradient,
+    _row_topk,
     agreement_scores,
     harmony_prune_regrow,
     harmony_scores,
@@ -377,6 +378,38 @@ def test_harmony_prune_regrow_equals_scores_then_selection(kind, overwrite):
     flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
     exp_prune, exp_regrow = brute_force_select(flat(masks), flat(prune), flat(agree), k)
     assert stats["prune_indices"].tolist() == exp_prune and stats["regrow_indices"].tolist() == exp_regrow
+
+
+@pytest.mark.parametrize("kind", ["fisher", "magnitude"])
+def test_selection_on_long_rows_matches_brute_force(kind):
+    """Rows long enough for the block-wise top-k (each parameter's k best candidates come from its k best blocks of
+    64 entries), next to a short parameter that takes plain topk: the same indices as sorting every task's row."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"long": (48, 64), "short": (7, 9), "wide": (3, 1024)}
+    T, k = 4, 5
+    masks = {n: torch.rand((T, *s), generator=g) < 0.8 for n, s in shapes.items()}
+    grads = {n: torch.randn((T, *s), generator=g) * 1e-3 for n, s in shapes.items()}
+    params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    agree = agreement_scores(grads)
+    prune = harmony_scores(agree, importance_scores(grads, params, kind), gamma=10.0)
+    new, stats = harmony_prune_regrow(masks, grads, params, k, 10.0, kind)
+    flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
+    exp_prune, exp_regrow = brute_force_select(flat(masks), flat(prune), flat(agree), k)
+    assert stats["prune_indices"].tolist() == exp_prune and stats["regrow_indices"].tolist() == exp_regrow
+    assert torch.equal(flat(new).sum(1), flat(masks).sum(1))
+
+
+def test_row_topk_by_blocks_gives_topk_values_with_ties_and_infinities():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(-20, 20, (6, 4096), generator=g).float()  # many ties
+    scores[0, :3000] = float("inf")
+    scores[1, 100:4000] = float("-inf")
+    for largest in (False, True):
+        values, indices = _row_topk(scores, 7, largest=largest)
+        expected = torch.topk(scores, 7, dim=1, largest=largest).values
+        assert torch.equal(values, expected)
+        assert torch.equal(scores.gather(1, indices), values)  # indices point at those values
+        assert all(len(set(row)) == 7 for row in indices.tolist())
 
 
 def test_harmony_prune_regrow_rejects_non_finite_gradients():
