@@ -353,6 +353,10 @@ def test_evaluate_cli_writes_results_and_plot(model, tmp_path):
     assert saved["model"]["name_or_path"] == str(tmp_path / "model")
     assert all(entry["episode_lengths"] == [8, 8] for entry in saved["per_task"].values())
     assert output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # Without --tasks: every task of the model.
+    default = cli.main(["--model", str(tmp_path / "model"), "--episodes", "1", "--max-steps", "3", "--num-workers",
+                        "0", "--output", str(tmp_path / "all.json"), "--plot", "none"])  # fmt: skip
+    assert default["tasks"] == list(model.config.task_names) and len(default["tasks"]) > 2
 
 
 # ------------------------------------------------------------------------------------------------ callback

@@ -26,7 +26,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model folder or Hub repo id")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    parser.add_argument("--tasks", default="mt50", help="mt5/mt10/mt30/mt50 or comma-separated task names")
+    parser.add_argument(
+        "--tasks", default=None, help="mt5/mt10/mt30/mt50 or comma-separated task names (default: the model's tasks)"
+    )
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task (one goal each, at most 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=500, help="episode length (500 in the official protocol)")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = HarmoDTModel.from_pretrained(args.model, revision=args.revision).to(args.device)
     results = evaluate(
         model,
-        tasks=args.tasks,
+        tasks=args.tasks if args.tasks is not None else list(model.config.task_names),
         episodes_per_task=args.episodes,
         seed=args.seed,
         stop_on_success=not args.no_stop_on_success,
