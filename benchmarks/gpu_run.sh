@@ -5,7 +5,9 @@
 #   2. gpu_bench: paper-size HarmoDT-F vs Prompt-DT training samples/s (bf16 autocast), peak memory, mask update.
 # Each part has its own time limit, and its log is written to $OUT as it runs. Knobs (environment): EVAL_STEPS,
 # EVAL_LIMIT_S, EVAL_PRECISION (bf16: fp32 and bf16 runs; fp32: fp32 only), EVAL_EXTRA (more bench_eval flags, e.g.
-# --unpipelined), RUN_TRAIN=0 to skip part 2, TRAIN_LIMIT_S, BUDGET_S.
+# --unpipelined), EVAL_EPISODES (per task, default 10), EVAL_MODEL (a trained model folder, carried: its own tasks,
+# batched runs with --stop-on-success, e.g. runs/bench_eval/train/final from benchmarks/configs/eval_model.yaml with
+# EVAL_EPISODES=50), RUN_TRAIN=0 to skip part 2, TRAIN_LIMIT_S, BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -22,9 +24,11 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, \
 accelerate.__version__, torch.cuda.is_available())" 2>&1 | tee "$OUT/versions.txt"
-timeout "${EVAL_LIMIT_S:-260}" python3 benchmarks/bench_eval.py --device cuda --tasks mt50 --episodes 10 \
-  --max-steps "$EVAL_STEPS" --sequential-episodes 1 --no-in-process --precision "${EVAL_PRECISION:-bf16}" \
-  --num-workers 14 --threads 2 ${EVAL_EXTRA:-} 2>&1 | tee "$OUT/bench_eval_gpu.log"
+EVAL_SOURCE=(--tasks mt50)
+if [ -n "${EVAL_MODEL:-}" ]; then EVAL_SOURCE=(--model "$EVAL_MODEL" --stop-on-success); fi
+timeout "${EVAL_LIMIT_S:-260}" python3 benchmarks/bench_eval.py --device cuda "${EVAL_SOURCE[@]}" \
+  --episodes "${EVAL_EPISODES:-10}" --max-steps "$EVAL_STEPS" --sequential-episodes 1 --no-in-process \
+  --precision "${EVAL_PRECISION:-bf16}" --num-workers 14 --threads 2 ${EVAL_EXTRA:-} 2>&1 | tee "$OUT/bench_eval_gpu.log"
 [ "${RUN_TRAIN:-1}" = 0 ] && exit 0
 if [ ! -d "$DATA" ]; then
   python3 dataset_scripts/generate_metaworld.py --tasks mt50 --episodes-per-task 2 --output "$DATA" \
