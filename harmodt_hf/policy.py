@@ -77,7 +77,8 @@ class HarmoDTPolicy:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _weights_cached(self):
+    def _weights_cached(self) -> contextlib.AbstractContextManager:
+        """The model's masked-weight cache for one call (a plain ``nn.Module`` without one: nothing)."""
         cached = getattr(self.model, "masked_weights_cached", None)
         return cached() if cached is not None else contextlib.nullcontext()
 
