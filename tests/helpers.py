@@ -84,3 +84,13 @@ def capture_forward_inputs(model):
         calls[-1]["prompt_key_values"] = kwargs.get("prompt_key_values")
 
     return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def bool_tensor(values) -> torch.Tensor:
+    """A bool tensor from nested lists of 0/1 (compact hand-written masks)."""
+    return torch.tensor(values, dtype=torch.bool)
+
+
+def float_tensor(values) -> torch.Tensor:
+    """A float32 tensor from nested lists."""
+    return torch.tensor(values, dtype=torch.float32)

@@ -1,0 +1,381 @@
+"""Tests for harmodt_hf.mask_update: scores, prune/regrow selection (both rules) and the η schedule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import bool_tensor, float_tensor
+
+from harmodt_hf.mask_update import (
+    _official_mean_gradient,
+    _row_topk,
+    agreement_scores,
+    harmony_prune_regrow,
+    harmony_scores,
+    importance_scores,
+    prune_count,
+    reference_prune_regrow,
+    select_prune_regrow,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_scores_values():
+    g = {"w": torch.tensor([[1.0, -2.0, 0.0], [3.0, 2.0, 4.0]]), "b": torch.tensor([[0.5], [-0.5]])}
+    params = {"w": torch.tensor([-1.0, 0.5, 2.0]), "b": torch.tensor([3.0])}
+    agree = agreement_scores(g)
+    # mean w = [2, 0, 2]; mean b = [0]
+    assert torch.equal(agree["w"], torch.tensor([[2.0, 0.0, 0.0], [6.0, 0.0, 8.0]]))
+    assert torch.equal(agree["b"], torch.zeros(2, 1))
+    fisher = importance_scores(g, None, "fisher")
+    assert torch.equal(fisher["w"], g["w"] ** 2)
+    mag = importance_scores(g, params, "magnitude")
+    assert torch.equal(mag["w"], torch.tensor([[1.0, 0.5, 2.0]] * 2)) and mag["b"].shape == (2, 1)
+    harm = harmony_scores(agree, fisher, gamma=10.0)
+    assert torch.equal(harm["w"], 10.0 * agree["w"] + g["w"] ** 2)
+    with pytest.raises(ValueError, match="kind"):
+        importance_scores(g, params, "grad")
+    with pytest.raises(ValueError, match="magnitude"):
+        importance_scores(g, None, "magnitude")
+    with pytest.raises(ValueError, match="lacks"):
+        harmony_scores(agree, {"w": fisher["w"]}, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection, rule "harmony"
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def small_case():
+    """T=2; params a (2,3) and b (4,), flat indices a: 0..5, b: 6..9."""
+    masks = {
+        "a": bool_tensor([[[1, 1, 0], [1, 0, 1]], [[0, 1, 1], [1, 1, 0]]]),
+        "b": bool_tensor([[1, 0, 1, 1], [0, 1, 1, 0]]),
+    }
+    # task 0: active 0,1,3,5,6,8,9 ; inactive 2,4,7.  task 1: active 1,2,3,4,7,8 ; inactive 0,5,6,9.
+    # Inactive entries get the lowest prune scores and active ones the highest regrow scores: both must be ignored.
+    prune = {
+        "a": float_tensor([[[5, 1, -100], [3, -50, 2]], [[-9, 7, 0.1], [8, 0.2, -9]]]),
+        "b": float_tensor([[4, -70, 0.5, 6], [-9, 3, 9, -9]]),
+    }
+    regrow = {
+        "a": float_tensor([[[90, 90, 0.1], [90, 0.3, 90]], [[-1, 90, 90], [90, 90, 5]]]),
+        "b": float_tensor([[90, 0.2, 1000, 90], [2, 90, 90, 3]]),
+    }
+    return masks, prune, regrow
+
+
+def test_select_prune_regrow_hand_computed():
+    masks, prune, regrow = small_case()
+    new, stats = select_prune_regrow(masks, prune, regrow, k=2)
+    # task 0: prune lowest active {8: 0.5, 1: 1}; regrow highest inactive {4: 0.3, 7: 0.2} (8 scores 1000 but was
+    # active before the update, so it is not regrown). task 1: prune {2: 0.1, 4: 0.2}; regrow {9: 3, 5: 5}.
+    assert stats["prune_indices"].tolist() == [[1, 8], [2, 4]]
+    assert stats["regrow_indices"].tolist() == [[4, 7], [5, 9]]
+    assert new["a"].tolist() == [[[1, 0, 0], [1, 1, 1]], [[0, 1, 0], [1, 0, 1]]]
+    assert new["b"].tolist() == [[1, 1, 0, 1], [0, 1, 1, 1]]
+    assert stats["pruned"].tolist() == [2, 2] and stats["regrown"].tolist() == [2, 2]
+    assert stats["active"].tolist() == [7, 6]
+    assert stats["pruned_per_param"]["a"].tolist() == [1, 2] and stats["pruned_per_param"]["b"].tolist() == [1, 0]
+    assert stats["regrown_per_param"]["a"].tolist() == [1, 1] and stats["regrown_per_param"]["b"].tolist() == [1, 1]
+    # inputs untouched
+    assert torch.equal(masks["a"], small_case()[0]["a"]) and torch.equal(prune["a"], small_case()[1]["a"])
+
+
+def test_select_prune_regrow_k_zero_and_errors():
+    masks, prune, regrow = small_case()
+    new, stats = select_prune_regrow(masks, prune, regrow, k=0)
+    assert all(torch.equal(new[n], masks[n]) for n in masks)
+    assert stats["pruned"].tolist() == [0, 0] and stats["regrown"].tolist() == [0, 0]
+    # task 0 has 3 inactive weights, task 1 has 4: k=4 is too many
+    with pytest.raises(ValueError, match=r"k=4.*active counts \[7, 6\].*inactive counts \[3, 4\]"):
+        select_prune_regrow(masks, prune, regrow, k=4)
+    with pytest.raises(ValueError, match="k must be"):
+        select_prune_regrow(masks, prune, regrow, k=-1)
+    bad = {n: v.clone() for n, v in prune.items()}
+    bad["a"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        select_prune_regrow(masks, bad, regrow, k=1)
+    with pytest.raises(ValueError, match="shape"):
+        select_prune_regrow(masks, {"a": prune["a"], "b": prune["b"][:, :3]}, regrow, k=1)
+
+
+def test_select_prune_regrow_infinite_scores_stay_exact():
+    masks = {"w": bool_tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]])}
+    prune = {"w": float_tensor([[float("inf"), 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, float("inf"), 1.0]])}
+    regrow = {"w": float_tensor([[5.0, 5.0, float("-inf"), float("-inf"), 0.0], [float("-inf"), 0.0, 0.0, 0.0, 0.0]])}
+    new, stats = select_prune_regrow(masks, prune, regrow, k=2)
+    assert stats["prune_indices"].tolist() == [[0, 1], [2, 4]]
+    assert stats["regrow_indices"][1].tolist() == [0, 1]
+    assert set(stats["regrow_indices"][0].tolist()) <= {2, 3, 4} and 4 in stats["regrow_indices"][0].tolist()
+    assert new["w"].sum(1).tolist() == [2, 3]
+
+
+def brute_force_select(flat_masks, flat_prune, flat_regrow, k):
+    prune_idx, regrow_idx = [], []
+    for m, p, r in zip(flat_masks.tolist(), flat_prune.tolist(), flat_regrow.tolist(), strict=True):
+        active = [i for i, v in enumerate(m) if v]
+        inactive = [i for i, v in enumerate(m) if not v]
+        prune_idx.append(sorted(sorted(active, key=lambda i: p[i])[:k]))
+        regrow_idx.append(sorted(sorted(inactive, key=lambda i: -r[i])[:k]))
+    return prune_idx, regrow_idx
+
+
+def test_select_prune_regrow_matches_brute_force_and_preserves_counts():
+    g = torch.Generator().manual_seed(7)
+    shapes = {"x": (6, 5), "y": (7,), "z": (3, 2, 2)}
+    T = 5
+    masks = {n: torch.rand((T, *s), generator=g) < 0.6 for n, s in shapes.items()}
+    grads = {n: torch.randn((T, *s), generator=g) for n, s in shapes.items()}
+    params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    agree = agreement_scores(grads)
+    prune = harmony_scores(agree, importance_scores(grads, params, "magnitude"), gamma=10.0)
+    flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
+    before = flat(masks).sum(1)
+    k = min(int(before.min()), int((~flat(masks)).sum(1).min()), 4)
+    assert k == 4
+    new, stats = select_prune_regrow(masks, prune, agree, k=k)
+    exp_prune, exp_regrow = brute_force_select(flat(masks), flat(prune), flat(agree), k)
+    assert stats["prune_indices"].tolist() == exp_prune
+    assert stats["regrow_indices"].tolist() == exp_regrow
+    assert torch.equal(flat(new).sum(1), before)
+    changed = flat(new) ^ flat(masks)
+    assert changed.sum(1).tolist() == [2 * k] * T
+
+
+@pytest.mark.parametrize("kind", ["fisher", "magnitude"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_harmony_prune_regrow_equals_scores_then_selection(kind, overwrite):
+    g = torch.Generator().manual_seed(11)
+    # a parameter smaller than k exercises the per-parameter candidate lists
+    shapes = {"x": (40, 30), "y": (3,), "z": (20, 5, 4)}
+    T, k = 6, 25
+    masks = {n: torch.rand((T, *s), generator=g) < 0.7 for n, s in shapes.items()}
+    grads = {n: torch.randn((T, *s), generator=g) * 1e-3 for n, s in shapes.items()}
+    params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    agree = agreement_scores(grads)
+    prune = harmony_scores(agree, importance_scores(grads, params, kind), gamma=10.0)
+    expected, expected_stats = select_prune_regrow(masks, prune, agree, k=k)
+    work = {n: v.clone() for n, v in grads.items()}
+    new, stats = harmony_prune_regrow(masks, work, params, k, 10.0, kind, overwrite_grads=overwrite)
+    assert all(torch.equal(new[n], expected[n]) for n in shapes)
+    for key in ("prune_indices", "regrow_indices", "pruned", "regrown", "active"):
+        assert torch.equal(stats[key], expected_stats[key]), key
+    assert all(torch.equal(work[n], grads[n]) for n in shapes) != overwrite  # overwritten only when asked
+    # brute force on the concatenated scores
+    flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
+    exp_prune, exp_regrow = brute_force_select(flat(masks), flat(prune), flat(agree), k)
+    assert stats["prune_indices"].tolist() == exp_prune and stats["regrow_indices"].tolist() == exp_regrow
+
+
+@pytest.mark.parametrize("kind", ["fisher", "magnitude"])
+def test_selection_on_long_rows_matches_brute_force(kind):
+    """Rows long enough for the block-wise top-k (each parameter's k best candidates come from its k best blocks of
+    64 entries), next to a short parameter that takes plain topk: the same indices as sorting every task's row."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"long": (48, 64), "short": (7, 9), "wide": (3, 1024)}
+    T, k = 4, 5
+    masks = {n: torch.rand((T, *s), generator=g) < 0.8 for n, s in shapes.items()}
+    grads = {n: torch.randn((T, *s), generator=g) * 1e-3 for n, s in shapes.items()}
+    params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    agree = agreement_scores(grads)
+    prune = harmony_scores(agree, importance_scores(grads, params, kind), gamma=10.0)
+    new, stats = harmony_prune_regrow(masks, grads, params, k, 10.0, kind)
+    flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
+    exp_prune, exp_regrow = brute_force_select(flat(masks), flat(prune), flat(agree), k)
+    assert stats["prune_indices"].tolist() == exp_prune and stats["regrow_indices"].tolist() == exp_regrow
+    assert torch.equal(flat(new).sum(1), flat(masks).sum(1))
+
+
+def test_row_topk_by_blocks_gives_topk_values_with_ties_and_infinities():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(-20, 20, (6, 4096), generator=g).float()  # many ties
+    scores[0, :3000] = float("inf")
+    scores[1, 100:4000] = float("-inf")
+    for largest in (False, True):
+        values, indices = _row_topk(scores, 7, largest=largest)
+        expected = torch.topk(scores, 7, dim=1, largest=largest).values
+        assert torch.equal(values, expected)
+        assert torch.equal(scores.gather(1, indices), values)  # indices point at those values
+        assert all(len(set(row)) == 7 for row in indices.tolist())
+
+
+def test_harmony_prune_regrow_rejects_non_finite_gradients():
+    masks = {"w": bool_tensor([[1, 1, 0, 0], [0, 1, 1, 0]])}
+    grads = {"w": float_tensor([[1.0, float("inf"), 0.0, 2.0], [0.5, 0.0, 1.0, 1.0]])}
+    with pytest.raises(ValueError, match="finite"):
+        harmony_prune_regrow(masks, grads, None, 1, 10.0, "fisher")
+    with pytest.raises(ValueError, match="magnitude"):
+        harmony_prune_regrow(masks, grads, None, 1, 10.0, "magnitude")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection, rule "reference" (official numerics)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_official_mean_gradient_is_sequential_sum_times_float32_reciprocal():
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(4096, generator=g) for _ in range(7)]
+    first = grads[0].clone()
+    got = _official_mean_gradient(iter(grads))
+    acc = grads[0].numpy().copy()
+    for x in grads[1:]:
+        acc = acc + x.numpy()
+    expected = acc * (np.float32(1.0) / np.float32(7.0))
+    assert got.dtype == torch.float32
+    assert np.array_equal(got.numpy(), expected)
+    assert not np.array_equal(got.numpy(), acc / np.float32(7.0))  # true division rounds differently somewhere
+    assert torch.equal(grads[0], first)  # inputs untouched
+
+
+def test_reference_task0_uses_mean_gradient():
+    """Flaw 3: task 0's own gradient is replaced by ḡ (in-place sum into its buffer)."""
+    names = ["transformer.h.0.w", "embed.w"]
+    masks = {names[0]: bool_tensor([[1, 1, 0, 0], [1, 1, 0, 0]]), names[1]: bool_tensor([[1, 1], [1, 1]])}
+    grads = {
+        names[0]: float_tensor([[0.0, 0.3, 0.0, 0.0], [0.4, -0.3, 0.0, 0.0]]),  # masked body gradients
+        names[1]: float_tensor([[0.5, 0.5], [0.5, 0.5]]),  # embeddings: unmasked
+    }
+    # ḡ = [0.2, 0, 0, 0 | 0.5, 0.5]; gamma = 0 → prune score = g_i² on active entries.
+    # Task 0 official: g_0 := ḡ → scores [0.04, 0, ., . | .25, .25] → prunes 1 (its own g_0² would prune 0).
+    # Task 1: [0.16, 0.09, ., . | .25, .25] → prunes 1.
+    new, stats = reference_prune_regrow(masks, grads, None, k=1, gamma=0.0, kind="fisher")
+    assert stats["prune_indices"].tolist() == [[1], [1]]
+    # regrow: inactive body entries have g = 0 → score exactly 1.0: a tie between 2 and 3
+    assert stats["regrow_ties"].tolist() == [2, 2]
+    assert all(i in (2, 3) for i in stats["regrow_indices"].flatten().tolist())
+    assert stats["active"].tolist() == [4, 4]
+    # the harmony rule with the same gradients uses g_0 itself: prunes entry 0 for task 0
+    agree = agreement_scores(grads)
+    _, hstats = select_prune_regrow(
+        masks, harmony_scores(agree, importance_scores(grads, None, "fisher"), 0.0), agree, 1
+    )
+    assert hstats["prune_indices"].tolist() == [[0], [1]]
+
+
+def test_reference_regrow_ties_and_float32_rounding():
+    """Flaw 1 & 2: inactive entries with g_i = 0 (and any ḡ·g_i < ~6e-8) all score exactly 1.0 in float32."""
+    body, emb = "transformer.h.0.attn.w", "embed_timestep.weight"
+    masks = {
+        body: bool_tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]),
+        emb: bool_tensor([[1, 1, 1, 1], [1, 0, 0, 0]]),
+    }
+    grads = {
+        body: float_tensor([[0.01, 0.02, 0.0, 0.05, 0.0, 0.0], [0.01, -0.02, 0.03, 0.0, 0.0, 0.0]]),
+        emb: float_tensor([[0.2, 0.1, 3e-5, -0.3], [0.2, 0.1, 3e-5, 0.1]]),
+    }
+    # ḡ = [.01, 0, .015, .025, 0, 0 | .2, .1, 3e-5, -.1]   (flat indices: body 0..5, embed 6..9)
+    # task 1 regrow (inactive 3,4,5,7,8,9): 1 + ḡ·g_1 = [1, 1, 1 | 1.01, 1 + 9e-10 = 1.0 (float32), 0.99]
+    #   → 7 first, then one of the five tied 1.0 entries {3, 4, 5, 8}; 9 never.
+    # task 1 prune (active 0,1,2,6), γ=10, fisher: [1.1e-3, 4e-4, 5.4e-3, .44] → {1, 0}
+    # task 0 (g_0 := ḡ): prune 11·ḡ² on actives 0..3,6..9 → lowest: 1 (0) and 8 (9.9e-9, an embedding weight)
+    #   regrow: only 4 and 5 are inactive.
+    new, stats = reference_prune_regrow(masks, grads, None, k=2, gamma=10.0, kind="fisher")
+    assert stats["prune_indices"].tolist() == [[1, 8], [0, 1]]
+    assert stats["regrow_indices"][0].tolist() == [4, 5]
+    regrown1 = stats["regrow_indices"][1].tolist()
+    assert 7 in regrown1 and 9 not in regrown1 and len(set(regrown1) & {3, 4, 5, 8}) == 1
+    assert stats["regrow_ties"].tolist() == [2, 4]
+    assert stats["pruned_per_param"][emb].tolist() == [1, 0]  # flaw 2: an (unmasked) embedding weight pruned
+    # the official float32 score really ties entry 8 with the zero-gradient entries, unlike float64
+    assert np.float32(1) + np.float32(3e-5) * np.float32(3e-5) == np.float32(1.0)
+    assert np.float64(1) + 3e-5 * 3e-5 != 1.0
+    assert new[emb][1, :2].all() and not new[emb][1, 3]
+    assert stats["active"].tolist() == [8, 4]
+
+
+def numpy_reference(masks, grads, params, k, gamma, kind, names):
+    """Independent float32 numpy re-derivation of the official scores (no ties expected)."""
+    T = masks[names[0]].shape[0]
+    M = np.concatenate([masks[n].reshape(T, -1).numpy() for n in names], 1).astype(np.float32)
+    G = np.concatenate([grads[n].reshape(T, -1).numpy() for n in names], 1).astype(np.float32)
+    gbar = G[0].copy()
+    for t in range(1, T):
+        gbar = gbar + G[t]
+    gbar = gbar * (np.float32(1) / np.float32(T))
+    G[0] = gbar
+    theta = np.concatenate([params[n].reshape(-1).numpy() for n in names]).astype(np.float32)
+    prune, regrow = [], []
+    for t in range(T):
+        agree = gbar * G[t]
+        r = agree + (np.float32(1) - M[t] * np.float32(100000))
+        imp = G[t] ** 2 if kind == "fisher" else np.abs(theta)
+        p = (np.float32(1) - M[t]) * np.float32(100000) + agree * np.float32(gamma) + imp
+        regrow.append(sorted(np.argsort(-r, kind="stable")[:k].tolist()))
+        prune.append(sorted(np.argsort(p, kind="stable")[:k].tolist()))
+    return prune, regrow
+
+
+@pytest.mark.parametrize("kind", ["fisher", "magnitude"])
+def test_reference_matches_numpy_float32(kind):
+    g = torch.Generator().manual_seed(11)
+    shapes = {"embed_a": (9, 4), "predict_b": (13,)}  # unmasked-in-forward params: dense gradients, no ties
+    T = 6
+    masks = {n: torch.rand((T, *s), generator=g) < 0.7 for n, s in shapes.items()}
+    grads = {n: torch.randn((T, *s), generator=g) * 0.05 for n, s in shapes.items()}
+    params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    new, stats = reference_prune_regrow(masks, grads, params, k=3, gamma=10.0, kind=kind)
+    exp_prune, exp_regrow = numpy_reference(masks, grads, params, 3, 10.0, kind, list(shapes))
+    assert stats["prune_indices"].tolist() == exp_prune
+    assert stats["regrow_indices"].tolist() == exp_regrow
+    flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
+    assert torch.equal(flat(new).sum(1), flat(masks).sum(1))
+
+
+def test_reference_k_zero_and_errors():
+    masks = {"w": bool_tensor([[1, 1, 0], [1, 0, 0]])}
+    grads = {"w": float_tensor([[0.1, 0.2, 0.0], [0.3, 0.0, 0.0]])}
+    new, stats = reference_prune_regrow(masks, grads, None, k=0, gamma=10.0, kind="fisher")
+    assert torch.equal(new["w"], masks["w"]) and stats["pruned"].tolist() == [0, 0]
+    with pytest.raises(ValueError, match=r"k=2.*active counts \[2, 1\]"):
+        reference_prune_regrow(masks, grads, None, k=2, gamma=10.0, kind="fisher")
+    with pytest.raises(ValueError, match="params_all"):
+        reference_prune_regrow(masks, grads, None, k=1, gamma=10.0, kind="magnitude")
+    with pytest.raises(ValueError, match="kind"):
+        reference_prune_regrow(masks, grads, None, k=1, gamma=10.0, kind="random")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def official_k(alpha: float, eta_min: float, eta_max: float) -> int:
+    """main.py's cosine_annealing, written out with numpy as the official code evaluates it."""
+    return int(eta_max + 0.5 * (eta_min - eta_max) * (1 + np.cos(2 * np.pi * alpha)))
+
+
+def test_prune_count_sine_official_values():
+    for total in (4, 100, 1000, 1_000_000):
+        ks = [prune_count(total * q // 4, total) for q in (0, 1, 2, 3, 4)]
+        assert ks == [0, 50, 100, 50, 0]
+    # the sin² form truncates differently at t/T = 1/4: 100·sin²(π/4) = 49.99999999999999 → 49
+    assert int(100 * math.sin(math.pi / 4) ** 2) == 49
+    for total in (1000, 12345):
+        for t in range(0, total + 1, 7):
+            assert prune_count(t, total, 0, 100) == official_k(t / total, 0, 100)
+            assert prune_count(t, total, 10, 30) == official_k(t / total, 10, 30)
+    assert prune_count(0, 10, eta_min=5, eta_max=20) == 5
+
+
+def test_prune_count_cosine_and_validation():
+    ks = [prune_count(t, 100, 0, 100, schedule="cosine") for t in range(101)]
+    assert ks[0] == 100 and ks[50] == 50 and ks[100] == 0
+    assert all(a >= b for a, b in zip(ks, ks[1:], strict=False))
+    with pytest.raises(ValueError, match="total"):
+        prune_count(0, 0)
+    with pytest.raises(ValueError, match="eta"):
+        prune_count(1, 10, eta_min=5, eta_max=1)
+    with pytest.raises(ValueError, match="eta"):
+        prune_count(1, 10, eta_min=-1, eta_max=1)
+    with pytest.raises(ValueError, match="schedule"):
+        prune_count(1, 10, schedule="linear")
+    with pytest.raises(ValueError, match="t must"):
+        prune_count(11, 10)
