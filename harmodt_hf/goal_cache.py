@@ -44,8 +44,8 @@ def cached_goals(task_name: str, seed: int) -> list:
             goals = pickle.load(f)
         if isinstance(goals, list) and goals and all(getattr(g, "env_name", None) == task_name for g in goals):
             return goals
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
-        pass  # missing or unreadable: rebuilt below
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: any failure to read means rebuild it
+        pass
     import metaworld
 
     goals = list(metaworld.MT1(task_name, seed=seed).train_tasks)

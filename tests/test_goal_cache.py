@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import metaworld
 import numpy as np
 import pytest
@@ -47,6 +49,9 @@ def test_unreadable_cache_file_is_rebuilt(cache_dir):
     assert goals == list(metaworld.MT1("push-v3", seed=0).train_tasks)
     assert goal_cache.cached_goals("push-v3", 0) == goals  # the file was replaced by a readable one
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    path.write_bytes(pickle.dumps({"not": "goals"}))  # readable, but not a goal list of this task
+    assert goal_cache.cached_goals("push-v3", 0) == goals
+    assert pickle.loads(path.read_bytes()) == goals
 
 
 def test_unwritable_cache_warns_and_still_gives_the_goals(tmp_path, monkeypatch, caplog):
