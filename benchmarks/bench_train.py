@@ -1,6 +1,7 @@
 """Training throughput of HarmoDTTrainer at the paper model size, and the time of one outer (mask) update.
 
     python benchmarks/bench_train.py [--tasks 50] [--steps 12] [--threads 1] [--skip-update | --update-only] [--bf16]
+        [--glibc-defaults]
 
 Synthetic episodes (random arrays, 500 steps) for ``--tasks`` tasks; the paper model (6 layers, d=256, K=20,
 prompt 5). Measures, in one process, the median optimizer-step time of the real Trainer loop for
@@ -54,7 +55,13 @@ def synthetic_buffer(num_tasks: int, episodes: int = 4, length: int = 500) -> Ep
 
 
 def make_trainer(
-    buffer: EpisodeBuffer, mask_mode: str, sampling: str, steps: int, out: str, bf16: bool = False
+    buffer: EpisodeBuffer,
+    mask_mode: str,
+    sampling: str,
+    steps: int,
+    out: str,
+    bf16: bool = False,
+    keep_freed_memory: bool = True,
 ) -> HarmoDTTrainer:
     mean, std = buffer.state_stats()
     config = HarmoDTConfig(
@@ -79,14 +86,15 @@ def make_trainer(
         use_cpu=True,
         bf16=bf16,
         logging_steps=10**9,
+        cpu_keep_freed_memory=keep_freed_memory,
     )
     dataset = SegmentDataset(sampler, num_items=steps * batch, batch_size=batch, task_sampling=sampling)
     return HarmoDTTrainer(model=model, args=args, train_dataset=dataset)
 
 
-def samples_per_second(buffer, mask_mode: str, sampling: str, steps: int, bf16: bool) -> float:
+def samples_per_second(buffer, mask_mode: str, sampling: str, steps: int, bf16: bool, keep: bool) -> float:
     with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(buffer, mask_mode, sampling, steps, out, bf16)
+        trainer = make_trainer(buffer, mask_mode, sampling, steps, out, bf16, keep)
         timer = StepTimer()
         trainer.add_callback(timer)
         trainer.train()
@@ -102,23 +110,31 @@ def main() -> None:
     parser.add_argument("--skip-update", action="store_true")
     parser.add_argument("--update-only", action="store_true", help="time only the outer update (3 calls)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="cpu_keep_freed_memory=False: glibc's own malloc thresholds (the setting is process-wide and lasting, "
+        "so compare separate runs)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.set_verbosity_error()
     buffer = synthetic_buffer(args.tasks)
     precision = "bf16 autocast" if args.bf16 else "fp32"
-    print(f"paper-size model, {args.tasks} tasks, {args.threads} thread(s), {precision}")
+    keep = not args.glibc_defaults
+    allocator = "freed memory kept for reuse" if keep else "glibc malloc defaults"
+    print(f"paper-size model, {args.tasks} tasks, {args.threads} thread(s), {precision}, {allocator}")
     for sampling in () if args.update_only else ("round_robin", "all_tasks"):
         steps = args.steps if sampling == "round_robin" else max(4, args.steps // 4)
-        plain = samples_per_second(buffer, "none", sampling, steps, args.bf16)
-        masked = samples_per_second(buffer, "harmony", sampling, steps, args.bf16)
+        plain = samples_per_second(buffer, "none", sampling, steps, args.bf16, keep)
+        masked = samples_per_second(buffer, "harmony", sampling, steps, args.bf16, keep)
         print(
             f"{sampling:>12}: masked {masked:7.1f} samples/s, unmasked {plain:7.1f} samples/s, "
             f"time ratio masked/unmasked {plain / masked:.3f}"
         )
     if not args.skip_update:
         with tempfile.TemporaryDirectory() as out:
-            trainer = make_trainer(buffer, "harmony", "all_tasks", 1, out, args.bf16)
+            trainer = make_trainer(buffer, "harmony", "all_tasks", 1, out, args.bf16, keep)
             trainer.state.max_steps = 1000
             trainer.state.global_step = 250  # k = η_max at a quarter... sin²(π/4)·100 = 50 weights per task
             times = []

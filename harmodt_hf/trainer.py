@@ -25,6 +25,7 @@ from transformers.utils import logging
 
 from . import mask_update
 from . import masks as mask_math
+from .allocator import keep_freed_memory
 from .modeling_harmodt import HarmoDTModel
 from .segments import SegmentDataset, collate_segments
 
@@ -61,6 +62,14 @@ class HarmoDTTrainingArguments(TrainingArguments):
             "cost of the pass) and train mode for 'reference' (as the official code)."
         },
     )
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "On CPU, have glibc keep freed memory for reuse (harmodt_hf.allocator.keep_freed_memory): large "
+            "task-grouped batches and mask updates then stop page-faulting fresh buffers (~25% of a 400-sample "
+            "step here). Process-wide; the process keeps up to 2 GiB of freed memory."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.ddp_find_unused_parameters is None:
@@ -89,6 +98,8 @@ class HarmoDTTrainer(Trainer):
         kwargs.setdefault("data_collator", collate_segments)
         self._validate_setup(model, args, train_dataset)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        if args.cpu_keep_freed_memory and self.args.device.type == "cpu":
+            keep_freed_memory()
         self._step_tasks = torch.zeros(model.config.num_tasks, dtype=torch.bool)
         self._frozen_snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mask_history: list[dict[str, Any]] = []
