@@ -21,7 +21,7 @@ from harmodt_hf.allocator import keep_freed_memory
 torch.set_num_threads(1)
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = []
-for _ in range(3):  # a round of 40 buffers of 2 MB, as the groups of a task-grouped layer
+for _ in range(5):  # a round of 40 buffers of 2 MB, as the groups of a task-grouped layer
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buffers = [torch.ones(500_000) for _ in range(40)]
     del buffers
@@ -40,8 +40,9 @@ def test_freed_buffers_are_reused_without_page_faults():
     default, kept = _probe("default"), _probe("keep")
     assert kept["applied"] is True and default["applied"] is False
     pages = 40 * 2_000_000 // 4096
-    assert min(default["faults"]) > pages // 2  # glibc's defaults: every round's buffers are fresh pages again
-    assert kept["faults"][-1] < pages // 20  # kept: the last round reuses the memory of the earlier ones
+    # glibc's defaults give freed memory back (when depends on the heap's state): some later round faults afresh
+    assert max(default["faults"][1:]) > pages // 2
+    assert max(kept["faults"][2:]) < pages // 20  # kept: from the third round on, the earlier rounds' memory
 
 
 def test_trainer_applies_it_on_cpu_only_when_asked(monkeypatch, tmp_path):
