@@ -78,8 +78,7 @@ def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[
     setup = episodes_time = 0.0
     actions, successes = {}, {}
     # The official evaluation masks the weights once (apply_final_mask + load_state_dict), then runs plain forwards:
-    # the masked weights are built once here too, not at every forward.
-    model.cache_masked_weights(True)
+    # HarmoDTPolicy builds the masked weights once too (model.masked_weights_cached), not at every forward.
     for task in tasks:
         start = time.perf_counter()
         bench = metaworld.MT1(task, seed=seed)  # built once per task, as officially (no goal cache)
@@ -101,7 +100,7 @@ def sequential(model, tasks, episodes: int, seed: int, max_steps: int) -> tuple[
             actions[(task, e)], successes[(task, e)] = np.array(taken), success
             env.close()
         episodes_time += time.perf_counter() - start
-    model.cache_masked_weights(False)
+    model.cache_masked_weights(False)  # drop the masked copies
     return setup, episodes_time, actions, successes
 
 

@@ -257,8 +257,6 @@ def evaluate(
 
     was_training, threads = model.training, torch.get_num_threads()
     model.eval()
-    if hasattr(model, "cache_masked_weights"):
-        model.cache_masked_weights(True)  # W ⊙ M[t] built once per task for the whole evaluation
     envs = None
     try:
         if torch_threads is not None:
@@ -278,7 +276,7 @@ def evaluate(
         if envs is not None:
             envs.close()
         if hasattr(model, "cache_masked_weights"):
-            model.cache_masked_weights(False)
+            model.cache_masked_weights(False)  # drop the masked weights the policy built (once per task)
         model.train(was_training)
         torch.set_num_threads(threads)
     wall_time = time.perf_counter() - start

@@ -288,17 +288,16 @@ class MaskedLinear(nn.Module):
             self._bias_cache = bias.detach().to(dtype) if bias is not None else None  # a tensor, not a Parameter
         return self._weight_cache
 
-    def _task_weight_t(self, task: int, dtype: torch.dtype) -> torch.Tensor:
-        """``(W ⊙ M[task])ᵀ`` as a contiguous ``(in, out)`` tensor in ``dtype``, kept between inference calls."""
-        cache = self._valid_weight_cache(dtype)
+    def _task_weight_t(self, cache: dict, task: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(W ⊙ M[task])ᵀ`` as a contiguous ``(in, out)`` tensor in ``dtype``, kept in ``cache`` (the validated
+        :meth:`_valid_weight_cache`) between inference calls."""
         if task not in cache:
             cache[task] = apply_mask(self.weight.detach().to(dtype), self.task_masks()[task]).T.contiguous()
         return cache[task]
 
-    def _group_weights_t(self, tasks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """``(G, in, out)``: the transposed masked weights of ``tasks`` stacked for one batched matmul, kept for the
-        last :attr:`GROUP_STACKS_KEPT` task tuples (a pipelined evaluation alternates between two)."""
-        cache = self._valid_weight_cache(dtype)
+    def _group_weights_t(self, cache: dict, tasks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """``(G, in, out)``: the transposed masked weights of ``tasks`` stacked for one batched matmul, kept in
+        ``cache`` for the last :attr:`GROUP_STACKS_KEPT` task tuples (a pipelined evaluation alternates two)."""
         key = ("groups", tasks)
         if key not in cache:
             stacks = [k for k in cache if isinstance(k, tuple)]
@@ -314,18 +313,18 @@ class MaskedLinear(nn.Module):
         sample's output does not depend on the other groups in the batch."""
         dtype = _compute_dtype(x)
         x_c = x.to(dtype)
-        self._valid_weight_cache(dtype)  # first: it renews the cached bias too when the dtype or weights changed
+        cache = self._valid_weight_cache(dtype)  # first: it also renews the cached bias
         bias, sizes, out = self._bias_cache, groups.sizes, self.out_features
         if _use_batched_groups(self.group_matmul, x, sizes, True):
             x3 = x_c.reshape(len(sizes), -1, self.in_features)
-            weights = self._group_weights_t(tuple(groups.tasks), dtype)
+            weights = self._group_weights_t(cache, tuple(groups.tasks), dtype)
             if bias is None:
                 return torch.bmm(x3, weights).view(*x.shape[:-1], out)
             return torch.baddbmm(bias.expand(*x3.shape[:2], out), x3, weights).view(*x.shape[:-1], out)
         result, blocks = _group_row_blocks(x_c, sizes, out)
         for (rows_in, rows_out), task in zip(blocks, groups.tasks, strict=True):
             x3, out3 = rows_in.unsqueeze(0), rows_out.unsqueeze(0)
-            weight = self._task_weight_t(task, dtype).unsqueeze(0)
+            weight = self._task_weight_t(cache, task, dtype).unsqueeze(0)
             if bias is None:
                 torch.bmm(x3, weight, out=out3)
             else:
