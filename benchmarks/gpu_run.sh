@@ -7,10 +7,14 @@
 # EVAL_LIMIT_S, EVAL_PRECISION (bf16: fp32 and bf16 runs; fp32: fp32 only), EVAL_EXTRA (more bench_eval flags, e.g.
 # --unpipelined), EVAL_EPISODES (per task, default 10), EVAL_MODEL (a trained model folder, carried: its own tasks,
 # batched runs with --stop-on-success, e.g. runs/bench_eval/train/final from benchmarks/configs/eval_model.yaml with
-# EVAL_EPISODES=50), RUN_TRAIN=0 to skip part 2, TRAIN_LIMIT_S, BUDGET_S.
+# EVAL_EPISODES=50; unpacked from .gpu_carry/eval_model.tar.xz when absent), EVAL_LOG (log name in $OUT),
+# EVAL_DEVICE (default cuda), RUN_TRAIN=0 to skip part 2, TRAIN_LIMIT_S, BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -f .gpu_carry/site.tar.xz ]; then
+  [ -d /tmp/site ] || tar xJf .gpu_carry/site.tar.xz -C /tmp
+  export PYTHONPATH=/tmp/site:$PWD
+elif ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 else
@@ -25,10 +29,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, \
 accelerate.__version__, torch.cuda.is_available())" 2>&1 | tee "$OUT/versions.txt"
 EVAL_SOURCE=(--tasks mt50)
-if [ -n "${EVAL_MODEL:-}" ]; then EVAL_SOURCE=(--model "$EVAL_MODEL" --stop-on-success); fi
-timeout "${EVAL_LIMIT_S:-260}" python3 benchmarks/bench_eval.py --device cuda "${EVAL_SOURCE[@]}" \
+if [ -n "${EVAL_MODEL:-}" ]; then
+  if [ ! -d "$EVAL_MODEL" ] && [ -f .gpu_carry/eval_model.tar.xz ]; then
+    mkdir -p "$(dirname "$EVAL_MODEL")" && tar xJf .gpu_carry/eval_model.tar.xz -C "$(dirname "$EVAL_MODEL")"
+  fi
+  EVAL_SOURCE=(--model "$EVAL_MODEL" --stop-on-success)
+fi
+timeout "${EVAL_LIMIT_S:-260}" python3 benchmarks/bench_eval.py --device "${EVAL_DEVICE:-cuda}" "${EVAL_SOURCE[@]}" \
   --episodes "${EVAL_EPISODES:-10}" --max-steps "$EVAL_STEPS" --sequential-episodes 1 --no-in-process \
-  --precision "${EVAL_PRECISION:-bf16}" --num-workers 14 --threads 2 ${EVAL_EXTRA:-} 2>&1 | tee "$OUT/bench_eval_gpu.log"
+  --precision "${EVAL_PRECISION:-bf16}" --num-workers 14 --threads 2 ${EVAL_EXTRA:-} 2>&1 | tee "$OUT/${EVAL_LOG:-bench_eval_gpu.log}"
 [ "${RUN_TRAIN:-1}" = 0 ] && exit 0
 if [ ! -d "$DATA" ]; then
   python3 dataset_scripts/generate_metaworld.py --tasks mt50 --episodes-per-task 2 --output "$DATA" \
