@@ -228,7 +228,8 @@ def main() -> None:
         print(
             f"batched evaluate {precision}, {workers} env workers{piped}: {batched[precision]:.2f} s "
             f"({setup:.2f} s building the environments, then {1000 * steps / args.max_steps:.1f} ms per step of the "
-            f"longest episode), {results['env_steps']} env steps, mean success {results['mean_success_rate']:.3f}",
+            f"longest episode), {results['env_steps']} env steps, mean success {results['mean_success_rate']:.3f}; "
+            f"{results['policy_s']:.2f} s in the policy, {results['env_wait_s']:.2f} s waiting for env steps",
             flush=True,
         )
         for label, overrides in extra_runs.items() if precision == args.precision else ():

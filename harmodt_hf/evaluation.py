@@ -65,6 +65,8 @@ class _Rollout:
     actions: list[list[list[float]]]
     videos: dict[int, str]
     env_setup_s: float = 0.0  # building and resetting the environments (waiting for the workers to do it)
+    policy_s: float = 0.0  # in policy.act (its result is on the CPU when it returns: device work included)
+    env_wait_s: float = 0.0  # waiting for env steps after the policy had acted (what pipelining did not hide)
 
 
 class _Wave:
@@ -112,7 +114,9 @@ def _rollout(
 
     def act_and_send(wave: _Wave) -> None:
         obs = np.stack([observations[i] for i in wave.active])
+        started = time.perf_counter()
         actions = policy.act(obs, rewards[wave.active] if wave.steps else None, active=wave.active)
+        out.policy_s += time.perf_counter() - started
         successes = {i: bool(out.successes[i]) for i in wave.ended}
         wave.ticket = envs.send_step({i: actions[j] for j, i in enumerate(wave.active)}, wave.ended, successes)
         wave.ended = []
@@ -121,7 +125,9 @@ def _rollout(
                 out.actions[i].append([float(a) for a in actions[j]])
 
     def receive(wave: _Wave) -> None:
+        started = time.perf_counter()
         results, wave.ticket = envs.receive_step(wave.ticket), None
+        out.env_wait_s += time.perf_counter() - started
         for i in wave.active:
             observations[i], rewards[i], success, done = results[i]
             out.returns[i] += rewards[i]
@@ -212,6 +218,11 @@ def evaluate(
         pipeline: split the episodes into two waves owned by different env workers and let the policy act for one
             wave while the other's environments step (``None``: on when there are at least two workers). Every
             episode gets the same actions either way; it saves the time the policy would wait for the envs.
+
+    Returns a dict: ``mean_success_rate``, ``per_task`` results, the protocol (tasks, seed, episodes, steps, target
+    returns), the model, and the cost: ``env_steps``, ``wall_time_s``, of which ``env_setup_s`` building the
+    environments, ``policy_s`` in the policy (device work included) and ``env_wait_s`` waiting for env steps that
+    pipelining did not hide.
     """
     config = model.config
     task_names = resolve_tasks(tasks)
@@ -322,6 +333,8 @@ def evaluate(
         "env_steps": int(lengths.sum()),
         "wall_time_s": wall_time,
         "env_setup_s": out.env_setup_s,
+        "policy_s": out.policy_s,
+        "env_wait_s": out.env_wait_s,
         "num_workers": workers if workers > 1 else 0,
         "torch_threads": torch_threads or threads,
         "precision": precision,

@@ -34,7 +34,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 # How the task groups are multiplied: "loop" (one matmul per group; the CPU default, lowest memory), "batched" (one
 # batched matmul over all groups when they have equal sizes; the default on accelerators, where a Python loop over 50
-# groups is launch-bound) or "auto" (batched off the CPU; on every device for inference on cached weights).
+# groups is launch-bound) or "auto" (batched off the CPU; on every device for inference on cached weights). Inference
+# on cached weights off the CPU ("auto") or with "batched" also pads unequal groups into one batched matmul.
 GROUP_MATMUL_MODES = ("auto", "loop", "batched")
 
 
@@ -46,6 +47,14 @@ def _use_batched_groups(mode: str, x: torch.Tensor, group_sizes: Sequence[int], 
     if len(group_sizes) < 2 or len(set(group_sizes)) != 1:
         return False
     return mode == "batched" or (mode == "auto" and (auto_on_cpu or x.device.type != "cpu"))
+
+
+def _pad_groups_for_inference(mode: str, x: torch.Tensor, group_sizes: Sequence[int]) -> bool:
+    """Whether cached inference pads unequal groups to one batched matmul: off the CPU (where a loop over groups is
+    launch-bound and extra rows cost little), or everywhere with ``"batched"``."""
+    if len(group_sizes) < 2 or len(set(group_sizes)) == 1:
+        return False
+    return mode == "batched" or (mode == "auto" and x.device.type != "cpu")
 
 
 def _masked_group_weights(weight: torch.Tensor, masks: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
@@ -188,12 +197,31 @@ class TaskGroups:
         self.tasks = [int(t) for t in tasks]
         self.sizes = [int(s) for s in sizes]
         self._index: dict[torch.device, torch.Tensor] = {}
+        self._padding: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def task_index(self, device: torch.device) -> torch.Tensor:
         """The group tasks as an int64 tensor on ``device``, made once per forward (not once per layer)."""
         if device not in self._index:
             self._index[device] = torch.tensor(self.tasks, device=device)
         return self._index[device]
+
+    def padding(self, device: torch.device, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices that lay the batch out as equal groups and back: ``gather`` picks, for every group, its rows
+        then copies of its last sample's rows up to the largest group's size; ``scatter`` picks each real row's
+        place in that layout. Made once per forward and row count."""
+        key = (device, rows_per_sample)
+        if key not in self._padding:
+            largest, r = max(self.sizes), rows_per_sample
+            starts = torch.tensor([0, *self.sizes[:-1]]).cumsum(0)
+            sizes = torch.tensor(self.sizes)
+            slot = torch.arange(largest)
+            samples = starts[:, None] + torch.minimum(slot[None], sizes[:, None] - 1)  # (G, largest)
+            gather = (samples[..., None] * r + torch.arange(r)).reshape(-1)
+            real = slot[None] < sizes[:, None]  # (G, largest): which padded slots hold real samples, in batch order
+            places = torch.arange(len(self.sizes) * largest).view(-1, largest)[real]
+            scatter = (places[:, None] * r + torch.arange(r)).reshape(-1)
+            self._padding[key] = (gather.to(device), scatter.to(device))
+        return self._padding[key]
 
     @classmethod
     def from_sorted_ids(cls, task_ids: torch.Tensor) -> TaskGroups:
@@ -308,19 +336,28 @@ class MaskedLinear(nn.Module):
         return cache[key]
 
     def _cached_forward(self, x: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
-        """No-grad forward on cached masked weights: one batched matmul over task groups of equal size, else one
-        single-matrix batched matmul per group. Either way every group's rows go through the same kernel, so a
-        sample's output does not depend on the other groups in the batch."""
+        """No-grad forward on cached masked weights: one batched matmul over task groups of equal size; unequal
+        groups go through one padded batched matmul off the CPU (see ``_pad_groups_for_inference``) and through one
+        single-matrix batched matmul per group on it. On the CPU every group's rows go through the same kernel
+        either way, so a sample's output does not depend on the other groups in the batch."""
         dtype = _compute_dtype(x)
         x_c = x.to(dtype)
         cache = self._valid_weight_cache(dtype)  # first: it also renews the cached bias
         bias, sizes, out = self._bias_cache, groups.sizes, self.out_features
-        if _use_batched_groups(self.group_matmul, x, sizes, True):
+        padded = _pad_groups_for_inference(self.group_matmul, x, sizes)
+        if padded or _use_batched_groups(self.group_matmul, x, sizes, True):
             x3 = x_c.reshape(len(sizes), -1, self.in_features)
+            if padded:  # unequal groups: laid out as equal ones (copies of a real sample), one batched matmul
+                gather, scatter = groups.padding(x.device, math.prod(x.shape[1:-1]))
+                x3 = x_c.reshape(-1, self.in_features).index_select(0, gather).view(len(sizes), -1, self.in_features)
             weights = self._group_weights_t(cache, tuple(groups.tasks), dtype)
             if bias is None:
-                return torch.bmm(x3, weights).view(*x.shape[:-1], out)
-            return torch.baddbmm(bias.expand(*x3.shape[:2], out), x3, weights).view(*x.shape[:-1], out)
+                y3 = torch.bmm(x3, weights)
+            else:
+                y3 = torch.baddbmm(bias.expand(*x3.shape[:2], out), x3, weights)
+            if padded:
+                return y3.view(-1, out).index_select(0, scatter).view(*x.shape[:-1], out)
+            return y3.view(*x.shape[:-1], out)
         result, blocks = _group_row_blocks(x_c, sizes, out)
         for (rows_in, rows_out), task in zip(blocks, groups.tasks, strict=True):
             x3, out3 = rows_in.unsqueeze(0), rows_out.unsqueeze(0)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
+from .compiled_models import reuse_compiled_models
 from .goal_cache import cached_goals
 
 # The canonical MT50 order used by MTDiff/HarmoDT (v2 names there, v3 here). MT5 and MT30 are prefixes of it.
@@ -139,11 +140,13 @@ def goals(task_name: str, seed: int = 0) -> list:
 def make_env(task_name: str, goal_index: int = 0, seed: int = 0):
     """A goal-observable Meta-World v3 env (39-dim obs) set to goal ``goal_index`` of ``MT1(task_name, seed)``.
 
-    Episodes last ``EPISODE_LENGTH`` steps; ``info['success']`` reports success.
+    Episodes last ``EPISODE_LENGTH`` steps; ``info['success']`` reports success. The MuJoCo model is compiled once
+    per task and process and copied for each environment (:mod:`harmodt_hf.compiled_models`).
     """
     bench = _benchmark(check_task_name(task_name), seed)
     if not 0 <= goal_index < len(bench.goals):
         raise ValueError(f"goal_index must be in [0, {len(bench.goals)}), got {goal_index}")
-    env = bench.env_class()
+    with reuse_compiled_models():
+        env = bench.env_class()
     env.set_task(bench.goals[goal_index])
     return env

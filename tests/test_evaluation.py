@@ -219,6 +219,8 @@ def test_results_are_json_and_describe_the_run(model, tmp_path):
     assert results["tasks"] == TWO_TASKS and results["seed"] == 7 and results["episodes_per_task"] == 2
     assert results["stop_on_success"] is True and results["max_steps"] == 10
     assert 0 < results["env_setup_s"] < results["wall_time_s"] and results["pipeline"] is False  # in-process envs
+    parts = results["env_setup_s"] + results["policy_s"] + results["env_wait_s"]
+    assert results["policy_s"] > 0 and results["env_wait_s"] > 0 and parts < results["wall_time_s"]
     assert results["target_returns"] == {"reach-v3": 4500.0, "push-v3": 4500.0}
     assert results["model"]["name_or_path"] == "someone/harmodt-tiny"
     assert "commit_hash" in results["model"]

@@ -449,6 +449,31 @@ def test_batched_group_matmul_equals_the_loop(monkeypatch):
     _set_group_matmul(model, "auto")
 
 
+def test_cached_inference_pads_unequal_groups_into_one_batched_matmul(monkeypatch):
+    """Off the CPU (forced here with "batched"), unequal task groups are padded to equal ones for one batched matmul:
+    the same actions as the per-group loop, for the full forward and for ``last_action_only``."""
+    from harmodt_hf.masked_linear import TaskGroups
+
+    paddings = []
+    pad = TaskGroups.padding
+    monkeypatch.setattr(TaskGroups, "padding", lambda self, *a: paddings.append(self.sizes) or pad(self, *a))
+    torch.manual_seed(0)
+    model = HarmoDTModel(tiny_config()).eval()
+    inputs = random_inputs(model.config, [2, 0, 1, 2, 1, 2], seed=3)  # groups of 1, 2 and 3 samples
+    results = {}
+    for mode in ("loop", "batched"):
+        _set_group_matmul(model, mode)
+        with model.masked_weights_cached(), torch.no_grad():
+            full = model(**inputs).action_preds
+            last = model(**inputs, last_action_only=True).action_preds
+        results[mode] = (full, last)
+        assert bool(paddings) == (mode == "batched") and all(sizes == [1, 2, 3] for sizes in paddings)
+    _set_group_matmul(model, "auto")
+    for loop, batched in zip(results["loop"], results["batched"], strict=True):
+        torch.testing.assert_close(batched, loop, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(results["batched"][1][:, 0], results["batched"][0][:, -1], atol=1e-6, rtol=1e-5)
+
+
 def test_loss_is_masked_mse(model):
     inputs = random_inputs(model.config, [0, 1])
     out = model(**inputs, return_loss=True)
