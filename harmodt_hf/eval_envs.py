@@ -259,15 +259,13 @@ class _WorkerEnvs:
         if start_method == "forkserver":
             context.set_forkserver_preload(["harmodt_hf.eval_envs", "metaworld"])
         # Whole tasks go round-robin to workers (each worker reads the goals and compiles the MuJoCo model of its own
-        # tasks only); with fewer tasks than workers, the episodes (in task order) are cut into equal contiguous
-        # runs, so that a worker still holds few tasks.
+        # tasks only); with fewer tasks than workers, episodes go round-robin instead (contiguous runs of episodes
+        # were tried: with stop_on_success the episodes of hard tasks then run on on few workers, 2x slower per step).
         tasks = list(dict.fromkeys(spec.task for spec in self.specs))
         if len(tasks) >= num_workers:
             self.owned = [[s for s in self.specs if tasks.index(s.task) % num_workers == w] for w in range(num_workers)]
         else:
-            ordered = sorted(self.specs, key=lambda s: (tasks.index(s.task), s.index))
-            cuts = [len(ordered) * w // num_workers for w in range(num_workers + 1)]
-            self.owned = [ordered[cuts[w] : cuts[w + 1]] for w in range(num_workers)]
+            self.owned = [self.specs[w::num_workers] for w in range(num_workers)]
         self.owner = {spec.index: w for w, owned in enumerate(self.owned) for spec in owned}
         self.conns, self.procs = [], []
         try:

@@ -346,10 +346,11 @@ class MaskedLinear(nn.Module):
         bias, sizes, out = self._bias_cache, groups.sizes, self.out_features
         padded = _pad_groups_for_inference(self.group_matmul, x, sizes)
         if padded or _use_batched_groups(self.group_matmul, x, sizes, True):
-            x3 = x_c.reshape(len(sizes), -1, self.in_features)
             if padded:  # unequal groups: laid out as equal ones (copies of a real sample), one batched matmul
                 gather, scatter = groups.padding(x.device, math.prod(x.shape[1:-1]))
                 x3 = x_c.reshape(-1, self.in_features).index_select(0, gather).view(len(sizes), -1, self.in_features)
+            else:
+                x3 = x_c.reshape(len(sizes), -1, self.in_features)
             weights = self._group_weights_t(cache, tuple(groups.tasks), dtype)
             if bias is None:
                 y3 = torch.bmm(x3, weights)
