@@ -284,16 +284,22 @@ class MaskedLinear(nn.Module):
         return self._mask_cache[1]
 
     @torch.no_grad()
-    def set_task_masks(self, masks: torch.Tensor) -> None:
-        """Replace the masks (``bool``, ``(num_tasks, out, in)``); packs them into the persistent buffer."""
+    def set_task_masks(self, masks: torch.Tensor, copy: bool = True) -> None:
+        """Replace the masks (``bool``, ``(num_tasks, out, in)``); packs them into the persistent buffer.
+
+        The layer keeps the unpacked masks too; ``copy=False`` lets it keep ``masks`` itself when it is already a
+        contiguous ``bool`` tensor on the layer's device (the caller then must not modify it)."""
         expected = (self.num_tasks, self.out_features, self.in_features)
         if tuple(masks.shape) != expected:
             raise ValueError(f"masks must have shape {expected}, got {tuple(masks.shape)}")
+        given = masks
         masks = masks.to(device=self.packed_masks.device, dtype=torch.bool).contiguous()
+        if copy and masks.data_ptr() == given.data_ptr():
+            masks = masks.clone()
         buffer = self.packed_masks
         buffer.copy_(pack_masks(masks))
         # The unpacked cache is these masks: no need to unpack the new buffer again (keyed like task_masks()).
-        self._mask_cache = ((id(buffer), buffer._version, buffer.device, buffer.data_ptr()), masks.clone())
+        self._mask_cache = ((id(buffer), buffer._version, buffer.device, buffer.data_ptr()), masks)
 
     def drop_weight_cache(self) -> None:
         """Forget the inference cache of masked weights (see ``cache_masked_weights``)."""

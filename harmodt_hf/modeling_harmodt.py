@@ -29,7 +29,8 @@ class HarmoDTOutput(ModelOutput):
         action_preds: predicted actions, ``(batch, K, act_dim)`` (``(batch, 1, act_dim)`` with ``last_action_only``),
             in [-1, 1].
         last_hidden_state: final hidden states of the whole token sequence (prompt tokens first; the steps' tokens
-            only when the prompt was passed as ``prompt_key_values``; the final two tokens with ``last_action_only``).
+            only when the prompt was passed as ``prompt_key_values``; the final two tokens with ``last_action_only``;
+            the K state tokens with ``state_tokens_only``).
         hidden_states: hidden states after the embedding and after every block (``output_hidden_states=True``).
     """
 
@@ -143,15 +144,16 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
         """``{parameter name: bool (num_tasks, out, in)}`` for every masked weight."""
         return {f"{name}.weight": layer.task_masks() for name, layer in self.masked_layers().items()}
 
-    def set_task_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        """Replace the masks; keys as in :meth:`get_task_masks`. Every masked weight must be given."""
+    def set_task_masks(self, masks: dict[str, torch.Tensor], copy: bool = True) -> None:
+        """Replace the masks; keys as in :meth:`get_task_masks`. Every masked weight must be given. With
+        ``copy=False`` the layers may keep the given tensors (see :meth:`MaskedLinear.set_task_masks`)."""
         layers = self.masked_layers()
         expected = {f"{name}.weight" for name in layers}
         if set(masks) != expected:
             missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
             raise ValueError(f"set_task_masks needs exactly the masked weights; missing {missing}, unexpected {extra}")
         for name, layer in layers.items():
-            layer.set_task_masks(masks[f"{name}.weight"])
+            layer.set_task_masks(masks[f"{name}.weight"], copy=copy)
 
     def _assign_mask_init(self) -> None:
         """Give every masked layer its ERK density (global over the body, 1 − sparsity overall) and its own seed,
@@ -249,6 +251,7 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
         return_loss: bool = False,
         output_hidden_states: bool = False,
         last_action_only: bool = False,
+        state_tokens_only: bool = False,
         return_dict: bool | None = None,
     ) -> HarmoDTOutput | tuple:
         """Predict the action at every state token.
@@ -273,6 +276,10 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
                 CPU a single-row matmul takes another kernel, whose rounding would make a sample's action depend on
                 the batch size); ``last_hidden_state`` holds those two tokens. Not with labels, ``return_loss`` or
                 ``output_hidden_states``.
+            state_tokens_only: the last block finishes only the K state tokens, the ones ``action_preds`` reads
+                (training: the same predictions and loss for less work; the trainer passes it).
+                ``last_hidden_state`` then holds those K tokens. Not with ``output_hidden_states`` or
+                ``last_action_only``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
@@ -299,6 +306,11 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
                 "last_action_only=True computes the last step's action only: it cannot give a loss or hidden states "
                 "(drop labels/return_loss/output_hidden_states, or run a full forward)"
             )
+        if state_tokens_only and (output_hidden_states or last_action_only):
+            raise ValueError(
+                "state_tokens_only=True finishes only the state tokens in the last block: it cannot give every hidden "
+                "state and does not combine with last_action_only"
+            )
         if labels is None and return_loss:
             labels = actions
 
@@ -315,7 +327,11 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             tokens = torch.cat([p_tokens, tokens], dim=1)
             token_mask = torch.cat([p_mask, token_mask], dim=1)
         past = prompt_key_values if order is None or prompt_key_values is None else prompt_key_values.select(order)
-        final_rows = 2 if last_action_only else None  # the last state token and the (unread) action token after it
+        final_rows = None
+        if last_action_only:  # the last state token and the (unread) action token after it
+            final_rows = slice(-2, None)
+        elif state_tokens_only:  # (return, state, action) per step, after the prompt tokens if any
+            final_rows = slice(tokens.shape[1] - 3 * length + 1, None, 3)
         hidden, all_hidden = self.transformer(
             tokens, token_mask, groups, output_hidden_states, past=past, final_rows=final_rows
         )
@@ -323,6 +339,8 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             head = self.predict_action
             weight = head.weight.T.expand(batch, -1, -1)
             action_preds = torch.tanh(torch.baddbmm(head.bias, hidden, weight)[:, :1])
+        elif state_tokens_only:
+            action_preds = torch.tanh(self.predict_action(hidden))
         else:
             step_hidden = hidden[:, -3 * length :].reshape(batch, length, 3, config.hidden_size)
             action_preds = torch.tanh(self.predict_action(step_hidden[:, :, 1]))

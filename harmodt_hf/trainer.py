@@ -151,7 +151,8 @@ class HarmoDTTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._step_tasks[inputs["task_ids"].unique().cpu()] = True
-        return super().training_step(model, inputs, num_items_in_batch)
+        # The loss reads the state tokens only: the last block need not finish the others (same loss, less work).
+        return super().training_step(model, {**inputs, "state_tokens_only": True}, num_items_in_batch)
 
     @property
     def harmodt(self) -> HarmoDTModel:
@@ -205,7 +206,7 @@ class HarmoDTTrainer(Trainer):
         """Sum over tasks of each task's masked MSE, and the (num_tasks,) vector of those losses."""
         labels = batch.pop("labels")
         with self.accelerator.autocast():  # the training precision (bf16/fp16 autocast when asked for)
-            preds = model(**batch).action_preds.float()
+            preds = model(**batch, state_tokens_only=True).action_preds.float()
         valid = batch["attention_mask"].to(preds.dtype).unsqueeze(-1)
         squared = ((preds - labels) ** 2 * valid).sum(dim=(1, 2))
         counts = valid.sum(dim=(1, 2)) * model.config.act_dim
@@ -314,7 +315,7 @@ class HarmoDTTrainer(Trainer):
                     )
                     new_masks = {name: new_all[name] for name in body_names}
                     self._reference_extra_masks = {n: m for n, m in new_all.items() if n not in new_masks}
-            model.set_task_masks(new_masks)
+            model.set_task_masks(new_masks, copy=False)  # fresh tensors of the selection, handed over
         self._broadcast_masks()
         record = self._mask_log(k, stats, losses)
         self.mask_history.append({"step": self.state.global_step, "hash": self.mask_hash(), **record})

@@ -47,18 +47,19 @@ class HarmoDTAttention(nn.Module):
         groups: TaskGroups | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_out: list | None = None,
-        rows: int | None = None,
+        rows: slice | None = None,
     ) -> torch.Tensor:
         """Attend from ``x``'s tokens to ``past`` keys/values (prompt tokens, if given) and to ``x``'s own; with
-        ``kv_out``, this block's keys and values of ``x`` are appended to it; with ``rows``, only the last ``rows``
-        tokens attend (every token still gives its key and value) and the output holds those tokens only."""
+        ``kv_out``, this block's keys and values of ``x`` are appended to it; with ``rows``, only the tokens
+        ``x[:, rows]`` attend (every token still gives its key and value) and the output holds those tokens only."""
         batch, length, d = x.shape
         q, k, v = self.c_attn(x, groups).split(d, dim=-1)
         q, k, v = (t.view(batch, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_out is not None:
             kv_out.append((k, v))
         if rows is not None:
-            q, attn_bias, length = q[:, :, -rows:], attn_bias[:, :, -rows:], rows
+            q, attn_bias = q[:, :, rows], attn_bias[:, :, rows]
+            length = q.shape[2]
         if past is not None:
             k, v = torch.cat((past[0].to(k.dtype), k), dim=2), torch.cat((past[1].to(v.dtype), v), dim=2)
         dropout = self.attn_dropout if self.training else 0.0
@@ -106,11 +107,11 @@ class HarmoDTBlock(nn.Module):
         groups: TaskGroups | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_out: list | None = None,
-        rows: int | None = None,
+        rows: slice | None = None,
     ) -> torch.Tensor:
-        """``rows``: finish only the last ``rows`` tokens (see :meth:`HarmoDTAttention.forward`)."""
+        """``rows``: finish only the tokens ``x[:, rows]`` (see :meth:`HarmoDTAttention.forward`)."""
         attended = self.attn(self.ln_1(x), attn_bias, groups, past, kv_out, rows)
-        x = (x if rows is None else x[:, -rows:]) + attended
+        x = (x if rows is None else x[:, rows]) + attended
         return x + self.mlp(self.ln_2(x), groups)
 
 
@@ -131,11 +132,11 @@ class HarmoDTTransformer(nn.Module):
         output_hidden_states: bool = False,
         past: PromptKeyValues | None = None,
         kv_out: list | None = None,
-        final_rows: int | None = None,
+        final_rows: slice | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Run the blocks; ``past`` holds the prompt tokens' keys/values (every token may attend to the real ones),
         ``kv_out`` collects each block's keys/values of these tokens; with ``final_rows``, the last block finishes
-        only the last ``final_rows`` tokens (the output holds those)."""
+        only the tokens ``inputs_embeds[:, final_rows]`` (the output holds those)."""
         length = inputs_embeds.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=inputs_embeds.device).tril()
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()

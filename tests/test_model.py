@@ -59,6 +59,10 @@ def test_round_trip_after_mask_change(tmp_path, model):
     masks[first][0] = ~masks[first][0]
     model.set_task_masks(masks)
     assert torch.equal(model.get_task_masks()[first], masks[first])
+    expected = masks[first].clone()
+    masks[first][1] = ~masks[first][1]  # the model copied the masks: editing the caller's tensor changes nothing
+    assert torch.equal(model.get_task_masks()[first], expected)
+    masks[first][1] = ~masks[first][1]
     model.save_pretrained(tmp_path)
     loaded = HarmoDTModel.from_pretrained(tmp_path)
     assert torch.equal(loaded.get_task_masks()[first], masks[first])
@@ -286,6 +290,40 @@ def test_cached_inference_batches_equal_task_groups_without_changing_a_bit(model
     finally:
         model.cache_masked_weights(False)
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("prompt_as", ["tokens", "encoded"])
+def test_state_tokens_only_gives_the_same_predictions_loss_and_gradients(prompt_as):
+    """state_tokens_only=True (what the trainer passes): the last block finishes the K state tokens only, and the
+    predictions, the loss and every parameter gradient are those of the full forward."""
+    torch.manual_seed(0)
+    model = HarmoDTModel(tiny_config()).eval()
+    inputs = random_inputs(model.config, [2, 0, 1, 0, 2, 1], seed=4)
+    if prompt_as == "encoded":
+        prompt = inputs.pop("prompt")
+        inputs["prompt_key_values"] = model.encode_prompt(prompt, inputs["task_ids"])
+    seen = []
+    hook = model.transformer.h[-1].mlp.c_fc.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for state_tokens_only in (False, True):
+        out = model(**inputs, return_loss=True, state_tokens_only=state_tokens_only)
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True, retain_graph=prompt_as == "encoded")
+        results.append((out, grads))
+    hook.remove()
+    k = model.config.context_length
+    assert seen[1] == k < seen[0]
+    (full, full_grads), (states, state_grads) = results
+    assert states.last_hidden_state.shape == (6, k, model.config.hidden_size)
+    torch.testing.assert_close(states.action_preds, full.action_preds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(states.loss, full.loss)
+    for a, b in zip(full_grads, state_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    for extra in (dict(output_hidden_states=True), dict(last_action_only=True)):
+        with pytest.raises(ValueError, match="state_tokens_only"):
+            model(**inputs, state_tokens_only=True, **extra)
 
 
 @pytest.mark.parametrize("mask_mode", ["harmony", "none"])
