@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import threading
 from collections.abc import Iterator
@@ -41,7 +42,7 @@ def reuse_compiled_models() -> Iterator[None]:
         if getattr(mujoco.MjModel.from_xml_path, "_harmodt_reuse", False):  # re-entered: already in place
             yield
             return
-        stored = mujoco.MjModel.__dict__["from_xml_path"]  # put back as it was
+        stored = inspect.getattr_static(mujoco.MjModel, "from_xml_path")  # put back as it was (a staticmethod)
         compile_file = mujoco.MjModel.from_xml_path
 
         def from_xml_path(path, *args, **kwargs):
