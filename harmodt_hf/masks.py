@@ -253,14 +253,12 @@ def pairwise_iou(masks: Mapping[str, torch.Tensor], chunk: int = 1 << 20) -> tor
     num_tasks = _num_tasks(masks, "masks")
     device = next(iter(masks.values())).device
     inter = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
-    counts = torch.zeros(num_tasks, dtype=torch.float64, device=device)
     with torch.autocast(device.type, enabled=False):  # a bf16/fp16 matmul would not be exact
         for m in masks.values():
             flat = m.reshape(num_tasks, -1).to(torch.bool)
             for start in range(0, flat.shape[1], chunk):
-                block = flat[:, start : start + chunk]
-                inter += _gram_counts(block).to(torch.float64)
-                counts += _row_counts(block).to(torch.float64)
+                inter += _gram_counts(flat[:, start : start + chunk]).to(torch.float64)
+    counts = inter.diagonal()  # |M_i ∩ M_i| = |M_i|
     union = counts[:, None] + counts[None, :] - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
 
