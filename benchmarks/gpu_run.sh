@@ -8,7 +8,8 @@
 # --unpipelined), EVAL_EPISODES (per task, default 10), EVAL_MODEL (a trained model folder, carried: its own tasks,
 # batched runs with --stop-on-success, e.g. runs/bench_eval/train/final from benchmarks/configs/eval_model.yaml with
 # EVAL_EPISODES=50; unpacked from .gpu_carry/eval_model.tar.xz when absent), EVAL_LOG (log name in $OUT),
-# EVAL_DEVICE (default cuda), RUN_TRAIN=0 to skip part 2, TRAIN_LIMIT_S, BUDGET_S.
+# EVAL_DEVICE (default cuda), RUN_POLICY_STEP=0 to skip the profiled policy step (bench_policy_step.py, run first,
+# limit POLICY_LIMIT_S), RUN_TRAIN=0 to skip part 2, TRAIN_LIMIT_S, BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .gpu_carry/site.tar.xz ]; then
@@ -34,6 +35,12 @@ if [ -n "${EVAL_MODEL:-}" ]; then
     mkdir -p "$(dirname "$EVAL_MODEL")" && tar xJf .gpu_carry/eval_model.tar.xz -C "$(dirname "$EVAL_MODEL")"
   fi
   EVAL_SOURCE=(--model "$EVAL_MODEL" --stop-on-success)
+fi
+if [ "${RUN_POLICY_STEP:-1}" != 0 ]; then  # one policy step alone, profiled (~30 s): host- or device-bound?
+  POLICY_SOURCE=(--tasks mt10)
+  if [ -n "${EVAL_MODEL:-}" ]; then POLICY_SOURCE=(--model "$EVAL_MODEL"); fi
+  timeout "${POLICY_LIMIT_S:-90}" python3 benchmarks/bench_policy_step.py --device "${EVAL_DEVICE:-cuda}" \
+    "${POLICY_SOURCE[@]}" --slots-per-task 25 --threads 2 --profile 2>&1 | tee "$OUT/bench_policy_step.log"
 fi
 timeout "${EVAL_LIMIT_S:-260}" python3 benchmarks/bench_eval.py --device "${EVAL_DEVICE:-cuda}" "${EVAL_SOURCE[@]}" \
   --episodes "${EVAL_EPISODES:-10}" --max-steps "$EVAL_STEPS" --sequential-episodes 1 --no-in-process \
