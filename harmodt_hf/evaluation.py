@@ -207,9 +207,11 @@ def evaluate(
         worker_timeout: seconds to wait for a worker's reply before reporting it as stuck.
         start_method: multiprocessing start method of the workers.
         torch_threads: torch CPU threads during the rollouts (restored afterwards); ``None`` leaves them as they are.
-            With 1 thread the actions of an episode are bit-identical whatever else is in the batch; with more, the
-            CPU matmul kernels can change the last bits (~3e-7 measured at batch 30) and the simulator can amplify
-            that over an episode. 1 is also much faster on a machine whose cores are already busy.
+            With 1 thread the actions of an episode were bit-identical whatever else was in the batch on an AMX
+            Xeon; on an AVX2 EPYC small matmuls round differently with the row count (~1e-7 per step, ≤ 1e-4 after
+            40 steps measured). With more threads the CPU matmul kernels can change the last bits (~3e-7 measured at
+            batch 30) and the simulator can amplify that over an episode. 1 is also much faster on a machine whose
+            cores are already busy.
         precision: ``"fp32"`` (default, as the official evaluation) or ``"bf16"``: the policy's forward then runs under
             ``torch.autocast(device, torch.bfloat16)`` with the masked weights cast to bf16 once (see
             :class:`HarmoDTPolicy`). About twice as fast per step on a CPU with AMX at the paper size; actions differ

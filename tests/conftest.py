@@ -184,8 +184,9 @@ def generated_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def one_torch_thread():
-    """Single-threaded CPU kernels: their results do not depend on the batch size (measured bit-exact at batch 30,
-    whereas 2 threads change the last bits, ~3e-7, of a batch-30 forward)."""
+    """Single-threaded CPU kernels: on the AMX Xeon their results did not depend on the batch size (bit-exact at batch
+    30, whereas 2 threads changed the last bits, ~3e-7); on an AVX2 EPYC small matmuls follow the row count even at
+    one thread (see helpers.small_matmuls_follow_row_count)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -9,6 +9,28 @@ from harmodt_hf import HarmoDTConfig, HarmoDTModel
 TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
 
 
+def small_matmuls_follow_row_count() -> bool:
+    """Whether this CPU's one-thread ``F.linear`` gives a row different last bits when the matrix has more rows.
+
+    On the AMX Xeon of earlier sessions the kernels were row-count invariant, so a batched forward matched each
+    sample alone bit for bit; on an AVX2 EPYC a 2-row linear rounds differently from a 12-row one (~1e-7). Tests of
+    "batching changes nothing" are exact where this returns ``False`` and allow float rounding where it is ``True``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for rows, features in ((2, 39), (4, 32), (18, 32), (2, 256)):
+            x = torch.randn(6 * rows, features, generator=g)
+            weight, bias = torch.randn(32, features, generator=g), torch.randn(32, generator=g)
+            whole = torch.nn.functional.linear(x, weight, bias)
+            if not torch.equal(whole[:rows], torch.nn.functional.linear(x[:rows], weight, bias)):
+                return True
+        return False
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides) -> HarmoDTConfig:
     """A model small enough for fast CPU tests (2 layers, d=32)."""
     kwargs = dict(

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import capture_forward_inputs, tiny_config, tiny_prompted_model
+from helpers import capture_forward_inputs, small_matmuls_follow_row_count, tiny_config, tiny_prompted_model
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
@@ -118,7 +118,9 @@ def factory_push_succeeds_at_step_5(task: str, goal_index: int, seed: int):
 @pytest.mark.slow
 def test_batched_evaluation_matches_one_episode_at_a_time(model, one_torch_thread):
     """All 4 episodes batched (2 tasks x 2 goals, env workers, pipelined) give the same actions as batch-1
-    episodes."""
+    episodes: bit for bit where small one-thread matmuls do not depend on the row count, else up to the float
+    rounding the simulator carries through 40 steps (max 8.2e-5 measured on an AVX2 EPYC)."""
+    drift = 1e-3 if small_matmuls_follow_row_count() else 0.0
     seed, max_steps = 3, 40
     results = evaluate(
         model,
@@ -139,10 +141,10 @@ def test_batched_evaluation_matches_one_episode_at_a_time(model, one_torch_threa
             reference, success, total = run_one_episode(model, task, e, seed, max_steps)
             batched = np.array(entry["actions"][e], dtype=np.float32)
             assert batched.shape == (max_steps, 4)
-            # Exact: batching changes no bit (see one_torch_thread).
-            np.testing.assert_array_equal(batched, reference)
+            np.testing.assert_allclose(batched, reference, rtol=0, atol=drift)
+            np.testing.assert_allclose(batched[0], reference[0], rtol=0, atol=drift and 1e-6)  # same first step
             assert entry["successes"][e] == success
-            assert entry["returns"][e] == pytest.approx(total, rel=1e-12)
+            assert entry["returns"][e] == pytest.approx(total, rel=drift or 1e-12)
             assert entry["episode_lengths"][e] == max_steps
             episodes.append(batched)
     # The comparison is not vacuous: actions move within an episode and differ between episodes.

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import TASKS, random_inputs, tiny_config
+from helpers import TASKS, random_inputs, small_matmuls_follow_row_count, tiny_config
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging
@@ -271,6 +271,9 @@ def test_cached_inference_batches_equal_task_groups_without_changing_a_bit(model
     task_ids = [2, 0, 1, 0, 2, 1]
     inputs = random_inputs(model.config, task_ids, seed=9)
     layer = model.transformer.h[0].mlp.c_fc
+    # Bit-identical where small one-thread matmuls do not depend on the row count (the plain linears of the
+    # embeddings see 2 rows alone and 12 in the batch); float rounding of those elsewhere.
+    rounding = 1e-6 if small_matmuls_follow_row_count() else 0.0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model.cache_masked_weights(True)
@@ -281,7 +284,7 @@ def test_cached_inference_batches_equal_task_groups_without_changing_a_bit(model
             for i in range(len(task_ids)):
                 single = {k: v[i : i + 1] for k, v in inputs.items() if k != "prompt"}
                 single["prompt"] = {k: v[i : i + 1] for k, v in inputs["prompt"].items()}
-                torch.testing.assert_close(_outputs(model, single), mixed[i : i + 1], atol=0, rtol=0)
+                torch.testing.assert_close(_outputs(model, single), mixed[i : i + 1], atol=rounding, rtol=0)
             for keep in ([1, 0], [1, 2], [2, 0]):  # task tuples (0, 2), (0, 1) then (1, 2): the last two stay
                 _outputs(model, {k: v[keep] for k, v in inputs.items() if k != "prompt"} | {
                     "prompt": {k: v[keep] for k, v in inputs["prompt"].items()}})  # fmt: skip
@@ -353,7 +356,9 @@ def test_last_action_only_computes_the_last_action_alone(mask_mode, one_torch_th
             cached = model(**steps, prompt_key_values=encoded, last_action_only=True).action_preds
         torch.testing.assert_close(cached, full[:, -1:], atol=1e-5, rtol=0)
     model.cache_masked_weights(True)
-    exact = 0 if mask_mode != "none" else 1e-6  # without masks, plain linears: last bits follow the row count
+    # Without masks every linear is plain, and on some CPUs so are the small embedding linears' last bits: those
+    # follow the row count there (see small_matmuls_follow_row_count).
+    exact = 1e-6 if mask_mode == "none" or small_matmuls_follow_row_count() else 0.0
     try:
         with torch.no_grad():
             batch = model(**inputs, last_action_only=True).action_preds
