@@ -44,8 +44,8 @@ class HarmoDTPolicy:
     (:meth:`~harmodt_hf.HarmoDTModel.encode_prompt`) and runs every step on the episode's tokens only: a fifth fewer
     rows per forward at the paper size, the same actions up to float rounding (~5e-7 in fp32; either way, at one
     thread, a policy's actions do not depend on what else is in the batch, bit for bit where the CPU's small matmuls
-    ignore the row count, as on an AMX Xeon, and up to ~1e-7 per step where they do not, as on an AVX2 EPYC). ``False`` feeds the prompt tokens at every step,
-    as the official Prompt-DT evaluation does.
+    ignore the row count, as on an AMX Xeon, and up to ~1e-7 per step where they do not, as on an AVX2 EPYC).
+    ``False`` feeds the prompt tokens at every step, as the official Prompt-DT evaluation does.
 
     ``last_action_only=True`` (the default) runs each step's forward with ``last_action_only`` (only what the action
     reads: about a sixth less work at the paper size, the same actions up to float rounding); ``False`` runs the full
