@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Literal
 
+import numpy as np
 import torch
+
+from .cpu_features import has_amx
 
 __all__ = [
     "erk_densities",
@@ -242,38 +246,82 @@ def mask_density(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return active.to(torch.float64) / total
 
 
-def pairwise_iou(masks: Mapping[str, torch.Tensor], chunk: int = 1 << 20) -> torch.Tensor:
-    """Intersection over union of the flattened task masks, ``(T, T)`` float64.
+IouMethod = Literal["auto", "popcount", "int8", "float"]
+IOU_METHODS = ("auto", "popcount", "int8", "float")
 
-    Intersections come from float32 matmuls of 0/1 column chunks of at most ``chunk`` (≤ 2**24) columns, which are
-    exact, accumulated in float64. Two empty masks have IoU 1.
+
+def pairwise_iou(
+    masks: Mapping[str, torch.Tensor],
+    chunk: int = 1 << 20,
+    method: IouMethod = "auto",
+) -> torch.Tensor:
+    """Intersection over union of the flattened task masks, ``(T, T)`` float64. Two empty masks have IoU 1.
+
+    The intersections are exact integer counts whatever the ``method``:
+
+    * ``"popcount"``: bit-packed masks, ``AND`` and a population count per pair of tasks (numpy); the CPU default
+      without AMX (~0.3 s for 50 tasks at the paper size on an AVX2 EPYC, where the int8 matmul took 13 s);
+    * ``"int8"``: int8 Gram matmuls with int32 sums; the CPU default with AMX (~10x faster than float32 there);
+    * ``"float"``: float32 Gram matmuls of 0/1 column chunks of at most ``chunk`` (≤ 2**24) columns, accumulated in
+      float64; the default off the CPU.
     """
     if not 0 < chunk <= 1 << 24:
         raise ValueError(f"chunk must be in [1, 2**24], got {chunk}")
+    if method not in IOU_METHODS:
+        raise ValueError(f"method must be one of {IOU_METHODS}, got {method!r}")
     num_tasks = _num_tasks(masks, "masks")
     device = next(iter(masks.values())).device
+    if method == "auto":
+        method = "float" if device.type != "cpu" else "int8" if has_amx() else "popcount"
     inter = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
     with torch.autocast(device.type, enabled=False):  # a bf16/fp16 matmul would not be exact
         for m in masks.values():
             flat = m.reshape(num_tasks, -1).to(torch.bool)
+            if method == "popcount":
+                inter += _popcount_gram(flat).to(device=device, dtype=torch.float64)
+                continue
             for start in range(0, flat.shape[1], chunk):
-                inter += _gram_counts(flat[:, start : start + chunk]).to(torch.float64)
+                inter += _gram_counts(flat[:, start : start + chunk], method == "int8").to(torch.float64)
     counts = inter.diagonal()  # |M_i ∩ M_i| = |M_i|
     union = counts[:, None] + counts[None, :] - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
 
 
-def _gram_counts(block: torch.Tensor) -> torch.Tensor:
-    """``B Bᵀ`` of a ``(T, n)`` bool block (n ≤ 2**24): int8 matmul with int32 sums on CPU (about 10x faster than
-    float32 there, given ``Bᵀ`` as a transposed view: a contiguous copy of it took 9x the matmul's time), float32
-    elsewhere; both exact."""
-    if block.device.type == "cpu" and hasattr(torch, "_int_mm"):
+def _popcount_gram(flat: torch.Tensor) -> torch.Tensor:
+    """``B Bᵀ`` of a ``(T, n)`` bool tensor as int64 counts: rows packed to bits, then per task i the population count
+    of ``row_i AND row_j`` for j ≥ i (64-bit words; the packing pads with zeros, which count nothing)."""
+    packed = np.packbits(flat.cpu().numpy(), axis=1)
+    words = np.zeros((packed.shape[0], -(-packed.shape[1] // 8) * 8), dtype=np.uint8)
+    words[:, : packed.shape[1]] = packed
+    words = words.view(np.uint64)
+    num_tasks = words.shape[0]
+    out = np.zeros((num_tasks, num_tasks), dtype=np.int64)
+    for i in range(num_tasks):
+        out[i, i:] = _popcount(words[i : i + 1] & words[i:]).sum(axis=1, dtype=np.int64)
+    upper = np.triu(out, 1)
+    return torch.from_numpy(out + upper.T)
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits per entry of a uint64 array: ``np.bitwise_count`` (numpy ≥ 2), else a byte lookup table."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words)
+    return _BYTE_POPCOUNT[words.view(np.uint8)].reshape(*words.shape, 8).sum(axis=-1, dtype=np.int64)
+
+
+_BYTE_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1, dtype=np.uint8)
+
+
+def _gram_counts(block: torch.Tensor, int8: bool) -> torch.Tensor:
+    """``B Bᵀ`` of a ``(T, n)`` bool block (n ≤ 2**24), exact: int8 matmul with int32 sums (given ``Bᵀ`` as a
+    transposed view: a contiguous copy of it took 9x the matmul's time on the AMX CPU) or float32."""
+    if int8 and block.device.type == "cpu" and hasattr(torch, "_int_mm"):
         as_int8 = block.contiguous().view(torch.int8)
         try:
             return torch._int_mm(as_int8, as_int8.T)
         except RuntimeError:  # shapes the int8 kernel does not take
             pass
-    as_float = block.to(torch.float32)
+    as_float = block.view(torch.uint8).to(torch.float32)
     return as_float @ as_float.T
 
 

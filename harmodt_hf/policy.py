@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .cpu_features import warn_if_bf16_is_emulated
 from .modeling_harmodt import PromptKeyValues
 from .segments import STD_EPS as STD_EPSILON  # states: (obs - mean) / (std + 1e-6), as in training
 
@@ -70,6 +71,8 @@ class HarmoDTPolicy:
         self.last_action_only = bool(last_action_only)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.precision == "bf16":
+            warn_if_bf16_is_emulated(self.device, "The policy", 'Use precision="fp32" on this machine.')
         self._allocate(0)
 
     def _autocast(self) -> torch.autocast:

@@ -26,6 +26,7 @@ from transformers.utils import logging
 from . import mask_update
 from . import masks as mask_math
 from .allocator import keep_freed_memory
+from .cpu_features import warn_if_bf16_is_emulated
 from .modeling_harmodt import HarmoDTModel
 from .segments import SegmentDataset, collate_segments
 
@@ -100,6 +101,8 @@ class HarmoDTTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         if args.cpu_keep_freed_memory and self.args.device.type == "cpu":
             keep_freed_memory()
+        if self.args.bf16:
+            warn_if_bf16_is_emulated(self.args.device, "Training", "Train without --bf16 (bf16=False) on this machine.")
         self._step_tasks = torch.zeros(model.config.num_tasks, dtype=torch.bool)
         self._frozen_snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mask_history: list[dict[str, Any]] = []

@@ -246,15 +246,18 @@ def test_mask_density():
     assert mask_density(masks).tolist() == pytest.approx([4 / 6, 2 / 6])
 
 
-@pytest.mark.parametrize("chunk", [3, 1 << 20])
-def test_pairwise_iou_brute_force(chunk):
+@pytest.mark.parametrize(
+    ("method", "chunk"),
+    [("auto", 1 << 20), ("popcount", 1 << 20), ("int8", 3), ("int8", 1 << 20), ("float", 3), ("float", 1 << 20)],
+)
+def test_pairwise_iou_brute_force(method, chunk):
     g = torch.Generator().manual_seed(5)
     masks = {"w": torch.rand(6, 7, 5, generator=g) < 0.5, "b": torch.rand(6, 11, generator=g) < 0.3}
     masks["w"][4] = False  # an empty-ish task
     masks["b"][4] = False
     masks["w"][5] = masks["w"][0]
     masks["b"][5] = masks["b"][0]
-    iou = pairwise_iou(masks, chunk=chunk)
+    iou = pairwise_iou(masks, chunk=chunk, method=method)
     flat = torch.cat([masks["w"].reshape(6, -1), masks["b"]], 1).tolist()
     for i in range(6):
         for j in range(6):
@@ -263,3 +266,17 @@ def test_pairwise_iou_brute_force(chunk):
             expected = inter / union if union else 1.0
             assert iou[i, j].item() == pytest.approx(expected, abs=1e-12)
     assert iou[0, 5] == 1.0 and iou[4, 4] == 1.0 and iou[4, 0] == 0.0
+
+
+def test_pairwise_iou_methods_agree_exactly_and_refuse_an_unknown_one(monkeypatch):
+    """Every counting method gives the same IoU (row lengths off the 64-bit word size included), also the byte-table
+    popcount used with numpy < 2."""
+    g = torch.Generator().manual_seed(6)
+    masks = {"a": torch.rand(5, 33, 31, generator=g) < 0.4, "b": torch.rand(5, 4096, generator=g) < 0.7}
+    expected = pairwise_iou(masks, method="float")
+    for method in ("auto", "popcount", "int8"):
+        assert torch.equal(pairwise_iou(masks, method=method), expected), method
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert torch.equal(pairwise_iou(masks, method="popcount"), expected)
+    with pytest.raises(ValueError, match="method must be one of"):
+        pairwise_iou(masks, method="bits")

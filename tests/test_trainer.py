@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,16 @@ def test_paper_configs_parse():
         5000,
         8,
     )
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(generated_dataset, tmp_path, monkeypatch, native):
+    """bf16 autocast is emulated (about 10x slower) on CPUs without AVX512-BF16/AMX: the trainer says so at once."""
+    monkeypatch.setattr("harmodt_hf.cpu_features.has_native_bf16", lambda: native)
+    argv = _argv(generated_dataset, tmp_path, "--bf16", "true")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_trainer(*parse_train_args(argv), load_episodes(parse_train_args(argv)[1]))
+    messages = [str(w.message) for w in caught if "without native bf16" in str(w.message)]
+    assert len(messages) == (0 if native else 1)
+    assert native or "Train without --bf16" in messages[0]
