@@ -104,8 +104,9 @@ class _GroupedMaskedLinear(torch.autograd.Function):
     forward, so memory holds one masked copy at a time whatever the number of tasks; a one-group batch (round robin)
     keeps its single masked weight. ``grad_W = Σ_g (grad_y[g]ᵀ x[g]) ⊙ M[t_g]``: it is exactly zero where every task
     of the batch has its mask off. With a ``task_grad_sink`` (``(num_tasks, out, in)``), the backward pass instead
-    adds each group's *unmasked* ``grad_y[g]ᵀ x[g]`` (the gradient with respect to the effective weight
-    ``W ⊙ M[t]``) to ``sink[t]`` — the per-task signal the mask update scores — and returns no weight gradient.
+    sets ``sink[t]`` to the sum of task t's *unmasked* ``grad_y[g]ᵀ x[g]`` (the gradient with respect to the
+    effective weight ``W ⊙ M[t]``) for every task t in the batch — the per-task signal the mask update scores —
+    leaves the rows of other tasks as they are, and returns no weight gradient.
     """
 
     @staticmethod
@@ -160,8 +161,16 @@ class _GroupedMaskedLinear(torch.autograd.Function):
             grad_x = grad_in.view(x_c.shape).to(ctx.input_dtype)
         if sink is not None:
             # Per-task gradients w.r.t. the effective weights only; the shared weight's gradient is not needed here.
+            # A task's first group writes its row directly (no zeroed sink, no temporary); further groups add to it.
+            written: set[int] = set()
             for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
-                sink[t] += g.T @ x_group
+                if t in written:
+                    sink[t] += g.T @ x_group
+                elif sink.dtype == g.dtype:
+                    torch.mm(g.T, x_group, out=sink[t])
+                else:
+                    sink[t].copy_(g.T @ x_group)
+                written.add(t)
         elif ctx.needs_input_grad[1]:
             for g, x_group, t in zip(grad_groups, x_groups, ctx.group_tasks, strict=True):
                 term = (g.T @ x_group).to(ctx.weight_dtype).mul_(masks[t].view(torch.uint8).to(ctx.weight_dtype))
@@ -182,7 +191,11 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         if sink is not None or ctx.needs_input_grad[1]:
             per_group = torch.bmm(g3.transpose(1, 2), x3)  # (G, out, in): each group's effective-weight gradient
             if sink is not None:
-                sink.index_add_(0, task_index, per_group.to(sink.dtype))
+                tasks = task_index.tolist()
+                if len(set(tasks)) == len(tasks):  # one group per task: set its row
+                    sink.index_copy_(0, task_index, per_group.to(sink.dtype))
+                else:
+                    sink.index_fill_(0, task_index, 0).index_add_(0, task_index, per_group.to(sink.dtype))
             else:
                 factor = masks.index_select(0, task_index).view(torch.uint8).to(ctx.weight_dtype)
                 grad_weight = factor.mul_(per_group.to(ctx.weight_dtype)).sum(dim=0)
@@ -259,7 +272,8 @@ class MaskedLinear(nn.Module):
         else:
             self.packed_masks = None
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
-        # Set by the trainer's mask update: (num_tasks, out, in) tensor collecting per-task effective-weight grads.
+        # Set by the trainer's mask update: (num_tasks, out, in) tensor receiving per-task effective-weight grads
+        # (the rows of the tasks in the batch are overwritten by the backward pass; see _GroupedMaskedLinear).
         self.task_grad_sink: torch.Tensor | None = None
         # Inference only (see HarmoDTModel.cache_masked_weights), in the compute dtype, valid for ``_weight_key``:
         # task -> (W ⊙ M[task])ᵀ, ("groups", tasks) -> those stacked, and the bias.

@@ -235,8 +235,8 @@ class HarmoDTTrainer(Trainer):
         model = self.harmodt
         layers = model.masked_layers()
         num_tasks = model.config.num_tasks
-        for layer in layers.values():
-            layer.task_grad_sink = torch.zeros(num_tasks, *layer.weight.shape, device=layer.weight.device)
+        for layer in layers.values():  # every task is in the batch, so the backward pass writes every row
+            layer.task_grad_sink = torch.empty(num_tasks, *layer.weight.shape, device=layer.weight.device)
         try:
             batch = self._fresh_task_batch(list(range(num_tasks)), tag=0)
             loss, losses = self._per_task_loss(model, batch)
