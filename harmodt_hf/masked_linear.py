@@ -120,6 +120,7 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         ctx.input_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         ctx.task_grad_sink = task_grad_sink
+        ctx.tasks_distinct = len(set(group_tasks)) == len(group_tasks)  # each task one group: its sink row is set
         if ctx.batched:  # equal groups: one batched matmul, all masked weights kept for backward
             task_index = groups.task_index(x.device)
             w_groups = _masked_group_weights(weight_c, masks, task_index)
@@ -191,8 +192,7 @@ class _GroupedMaskedLinear(torch.autograd.Function):
         if sink is not None or ctx.needs_input_grad[1]:
             per_group = torch.bmm(g3.transpose(1, 2), x3)  # (G, out, in): each group's effective-weight gradient
             if sink is not None:
-                tasks = task_index.tolist()
-                if len(set(tasks)) == len(tasks):  # one group per task: set its row
+                if ctx.tasks_distinct:
                     sink.index_copy_(0, task_index, per_group.to(sink.dtype))
                 else:
                     sink.index_fill_(0, task_index, 0).index_add_(0, task_index, per_group.to(sink.dtype))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -247,7 +247,7 @@ def mask_density(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 IouMethod = Literal["auto", "popcount", "int8", "float"]
-IOU_METHODS = ("auto", "popcount", "int8", "float")
+IOU_METHODS = get_args(IouMethod)
 
 
 def pairwise_iou(
@@ -288,18 +288,16 @@ def pairwise_iou(
 
 
 def _popcount_gram(flat: torch.Tensor) -> torch.Tensor:
-    """``B Bᵀ`` of a ``(T, n)`` bool tensor as int64 counts: rows packed to bits, then per task i the population count
-    of ``row_i AND row_j`` for j ≥ i (64-bit words; the packing pads with zeros, which count nothing)."""
-    packed = np.packbits(flat.cpu().numpy(), axis=1)
-    words = np.zeros((packed.shape[0], -(-packed.shape[1] // 8) * 8), dtype=np.uint8)
-    words[:, : packed.shape[1]] = packed
-    words = words.view(np.uint64)
+    """``B Bᵀ`` of a ``(T, n)`` bool tensor as int64 counts: rows bit-packed (:func:`pack_masks`, zero padding), then
+    per task i the population count of ``row_i AND row_j`` for j ≥ i, in 64-bit words."""
+    packed = pack_masks(flat.cpu())
+    packed = torch.nn.functional.pad(packed, (0, -packed.shape[1] % 8))  # whole 64-bit words
+    words = packed.numpy().view(np.uint64)
     num_tasks = words.shape[0]
     out = np.zeros((num_tasks, num_tasks), dtype=np.int64)
     for i in range(num_tasks):
         out[i, i:] = _popcount(words[i : i + 1] & words[i:]).sum(axis=1, dtype=np.int64)
-    upper = np.triu(out, 1)
-    return torch.from_numpy(out + upper.T)
+    return torch.from_numpy(out + np.triu(out, 1).T)
 
 
 def _popcount(words: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from harmodt_hf import HarmoDTConfig, HarmoDTModel
@@ -9,6 +11,7 @@ from harmodt_hf import HarmoDTConfig, HarmoDTModel
 TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
 
 
+@functools.cache
 def small_matmuls_follow_row_count() -> bool:
     """Whether this CPU's one-thread ``F.linear`` gives a row different last bits when the matrix has more rows.
 
