@@ -28,6 +28,7 @@ __all__ = [
     "harmony_scores",
     "importance_scores",
     "prune_count",
+    "random_prune_regrow",
     "reference_prune_regrow",
     "select_prune_regrow",
 ]
@@ -205,6 +206,23 @@ def harmony_prune_regrow(
         return prune.add_(agreement, alpha=gamma), agreement
 
     return _select_by_layer(masks, k, layer_scores, None, grads_dtype)
+
+
+def random_prune_regrow(
+    masks: Mapping[str, torch.Tensor], k: int, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The churn control (``score="random"``): per task, prune k active and regrow k inactive weights chosen
+    uniformly at random — the same counts and schedule as the harmony rule, without its scores.
+
+    It is :func:`select_prune_regrow` with independent uniform random prune and regrow scores, so it moves exactly
+    as many weights per task as the harmony rule would at the same k."""
+    scores = {}
+    for name, mask in masks.items():
+        noise = torch.rand((2, *mask.shape), generator=generator, device=generator.device)
+        scores[name] = noise.to(mask.device)
+    prune = {name: s[0] for name, s in scores.items()}
+    regrow = {name: s[1] for name, s in scores.items()}
+    return select_prune_regrow(masks, prune, regrow, k)
 
 
 def _has_nan(scores: torch.Tensor) -> bool:

@@ -86,11 +86,11 @@ def _grouped_linear(
 
 
 def _bias_gradient(ctx, grad_rows: torch.Tensor) -> torch.Tensor | None:
-    """Sum of the output-gradient rows, or ``None`` when not needed (mask-gradient passes need no bias gradient).
+    """Sum of the output-gradient rows, or ``None`` when the bias needs no gradient.
 
     A vector-matrix product sums the rows several times faster on CPU than ``sum(0)`` (and, like autocast's own
     bias gradient in reduced precision, accumulates in float32 and rounds to the compute dtype)."""
-    if not (ctx.has_bias and ctx.needs_input_grad[2]) or ctx.task_grad_sink is not None:
+    if not (ctx.has_bias and ctx.needs_input_grad[2]):
         return None
     return (grad_rows.new_ones(grad_rows.shape[0]) @ grad_rows).to(ctx.weight_dtype)
 

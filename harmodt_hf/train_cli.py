@@ -24,6 +24,8 @@ VARIANTS: dict[str, dict] = {
     "harmodt-f": dict(mask_mode="harmony", use_prompt=True, score="fisher"),
     "harmodt-m": dict(mask_mode="harmony", use_prompt=True, score="magnitude"),
     "harmodt-r": dict(mask_mode="random", use_prompt=True),
+    # The churn control: HarmoDT's prune/regrow counts and schedule, weights chosen at random.
+    "harmodt-churn": dict(mask_mode="harmony", use_prompt=True, score="random"),
     "prompt-dt": dict(mask_mode="none", use_prompt=True),
     "mtdt": dict(mask_mode="none", use_prompt=False),
 }
@@ -42,7 +44,13 @@ class ModelArguments:
     context_length: int = 20
     prompt_length: int = 5
     sparsity: float = 0.2
-    mask_seed: int = 0
+    mask_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the ERK task masks (default: the run's --seed, so each seed draws its own masks and "
+            "variants with the same seed start from the same masks)."
+        },
+    )
     max_ep_len: int = 1000
     return_scale: float = 1000.0
     target_return: float = field(default=4500.0, metadata={"help": "Target return (unscaled) of every task."})
@@ -134,6 +142,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
     score = VARIANTS[model_args.variant].get("score")
     if score is not None:
         training_args.score = score
+    if model_args.mask_seed is None:
+        model_args.mask_seed = training_args.seed
     return model_args, data_args, training_args
 
 
@@ -207,6 +217,18 @@ def build_trainer(model_args, data_args, training_args, buffer: EpisodeBuffer, c
     return HarmoDTTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks)
 
 
+def _moved_share(trainer: HarmoDTTrainer) -> dict:
+    """The share of each task's mask the schedule planned to move and the share actually moved (masked variants)."""
+    if not trainer.harmodt.config.has_masks:
+        return {}
+    moved = trainer.moved_fraction().tolist()
+    return {
+        "planned_moved_fraction": trainer.planned_share,
+        "moved_fraction": dict(zip(trainer.harmodt.config.task_names, moved, strict=True)),
+        "mean_moved_fraction": float(np.mean(moved)),
+    }
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Train and save the final model folder (``<output_dir>/final``); returns its path."""
     model_args, data_args, training_args = parse_train_args(argv)
@@ -243,8 +265,13 @@ def main(argv: list[str] | None = None) -> Path:
             "task_sampling": training_args.task_sampling,
             "update_rule": training_args.update_rule,
             "mask_update_interval": training_args.mask_update_interval,
+            "mask_seed": trainer.harmodt.config.mask_seed,
+            "eta_max": training_args.eta_max,
+            "eta_max_fraction": training_args.eta_max_fraction,
+            "score": training_args.score if trainer.harmodt.config.mask_mode == "harmony" else None,
             "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), math.nan),
             "mask_history": trainer.mask_history,
+            **_moved_share(trainer),
         }
         (final / "training_summary.json").write_text(json.dumps(summary, indent=2))
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

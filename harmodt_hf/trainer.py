@@ -13,6 +13,7 @@ so every process holds identical masks (checked by hash after every update when 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from .segments import SegmentDataset, collate_segments
 
 logger = logging.get_logger(__name__)
 REFERENCE_MASKS_FILE = "reference_extra_masks.safetensors"
+SCORES = ("fisher", "magnitude", "random")
 
 
 @dataclass
@@ -47,11 +49,27 @@ class HarmoDTTrainingArguments(TrainingArguments):
 
     mask_update_interval: int = field(default=500, metadata={"help": "t_m: optimizer steps between mask updates."})
     eta_min: float = field(default=0.0, metadata={"help": "Smallest number of weights pruned/regrown per task."})
-    eta_max: float = field(default=100.0, metadata={"help": "Largest number of weights pruned/regrown per task."})
+    eta_max: float = field(
+        default=100.0,
+        metadata={"help": "Largest number of weights pruned/regrown per task and update (the official count)."},
+    )
+    eta_max_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Largest number of weights pruned/regrown per task and update as a fraction of a task's active "
+            "weights (e.g. 0.01); replaces eta_max when set, so the dose scales with the model."
+        },
+    )
     eta_schedule: str = field(default="sine", metadata={"help": "'sine' (official bell 0→η_max→0) or 'cosine'."})
     eta_total_steps: int | None = field(default=None, metadata={"help": "T of the η schedule (default max_steps)."})
     gamma: float = field(default=10.0, metadata={"help": "Weight of the agreement term in the prune score."})
-    score: str = field(default="fisher", metadata={"help": "Importance: 'fisher' (g²) or 'magnitude' (|θ|)."})
+    score: str = field(
+        default="fisher",
+        metadata={
+            "help": "Importance: 'fisher' (g²) or 'magnitude' (|θ|); 'random' prunes and regrows the same number of "
+            "weights chosen at random (the churn control)."
+        },
+    )
     update_rule: str = field(default="harmony", metadata={"help": "'harmony' (intended) or 'reference' (official)."})
     task_sampling: str = field(default="round_robin", metadata={"help": "'round_robin' or 'all_tasks'."})
     mask_grad_batch_size: int = field(default=8, metadata={"help": "Segments per task for the mask gradients."})
@@ -81,15 +99,23 @@ class HarmoDTTrainingArguments(TrainingArguments):
             "eta_min": 0 <= self.eta_min <= self.eta_max,
             "eta_schedule": self.eta_schedule in ("sine", "cosine"),
             "gamma": self.gamma >= 0,
-            "score": self.score in ("fisher", "magnitude"),
+            "score": self.score in SCORES,
             "update_rule": self.update_rule in ("harmony", "reference"),
             "task_sampling": self.task_sampling in ("round_robin", "all_tasks"),
             "mask_grad_batch_size": self.mask_grad_batch_size > 0,
             "eta_total_steps": self.eta_total_steps is None or self.eta_total_steps > 0,
+            "eta_max_fraction": self.eta_max_fraction is None or 0 < self.eta_max_fraction < 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"HarmoDTTrainingArguments.{name} has an invalid value: {getattr(self, name)!r}")
+
+
+def eta_max_count(args: HarmoDTTrainingArguments, active_per_task: int) -> float:
+    """η_max as a number of weights: ``eta_max_fraction`` × a task's active weights when set, else ``eta_max``."""
+    if args.eta_max_fraction is not None:
+        return int(args.eta_max_fraction * active_per_task)
+    return args.eta_max
 
 
 class HarmoDTTrainer(Trainer):
@@ -108,6 +134,11 @@ class HarmoDTTrainer(Trainer):
         self.mask_history: list[dict[str, Any]] = []
         self._reference_extra_masks: dict[str, torch.Tensor] | None = None
         self._pending_mask_log: dict[str, Any] = {}
+        self.planned_share: float | None = None  # Σk / active weights of the whole schedule (set at train start)
+        # The masks the run starts from: the share of each task's mask moved is measured against them.
+        self.initial_masks = (
+            {name: m.clone() for name, m in model.get_task_masks().items()} if model.config.has_masks else {}
+        )
         self.add_callback(_MaskLoopCallback(self))
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -138,13 +169,21 @@ class HarmoDTTrainer(Trainer):
                 f"tasks ({config.num_tasks}), got {args.per_device_train_batch_size}"
             )
         if config.mask_mode == "harmony":
-            task_masks = model.get_task_masks()
-            active = mask_math.mask_density(task_masks) * model.num_masked_parameters()
-            fewest = int(min(active.min().item(), model.num_masked_parameters() - active.max().item()))
-            if args.eta_max > fewest:
+            if args.update_rule == "reference" and args.score == "random":
+                raise ValueError("score='random' (the churn control) works with update_rule='harmony' only")
+            if args.eta_total_steps is not None and 0 < args.max_steps and args.eta_total_steps < args.max_steps:
                 raise ValueError(
-                    f"eta_max={args.eta_max} is larger than a task's active or inactive weight count ({fewest}): "
-                    "lower eta_max or the sparsity"
+                    f"eta_total_steps={args.eta_total_steps} is shorter than max_steps={args.max_steps}: the η "
+                    "schedule would end before training does. Set eta_total_steps >= max_steps (or leave it unset)."
+                )
+            total = model.num_masked_parameters()
+            active = mask_math.mask_density(model.get_task_masks()) * total
+            fewest = int(min(active.min().item(), total - active.max().item()))
+            eta_max = eta_max_count(args, int(active.min().item()))
+            if eta_max > fewest:
+                raise ValueError(
+                    f"eta_max={eta_max} is larger than a task's active or inactive weight count ({fewest}): "
+                    "lower eta_max (or eta_max_fraction) or the sparsity"
                 )
 
     def _get_train_sampler(self, train_dataset=None):
@@ -249,20 +288,38 @@ class HarmoDTTrainer(Trainer):
         return grads, losses
 
     def _reference_task_gradients(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The official per-task gradients: one pass per task, clipped to max_grad_norm, masked for the body."""
+        """The official per-task gradients (``update_gradient``): one pass per task; the dense gradient (w.r.t. the
+        effective weights W ⊙ M_t, as the official code loads them into the model) is clipped to max_grad_norm over
+        all parameters, then multiplied by the task's masks except for ``embed``/``predict`` parameters."""
         model = self.harmodt
+        num_tasks = model.config.num_tasks
         params = dict(model.named_parameters())
-        grads = {name: torch.zeros(model.config.num_tasks, *p.shape, device=p.device) for name, p in params.items()}
-        losses = torch.zeros(model.config.num_tasks)
-        for task in range(model.config.num_tasks):
-            batch = self._fresh_task_batch([task], tag=1)
-            loss, task_losses = self._per_task_loss(model, batch)
-            task_grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            norm = torch.sqrt(sum(g.pow(2).sum() for g in task_grads if g is not None))
+        layers = model.masked_layers()
+        body = {f"{name}.weight": layer for name, layer in layers.items()}
+        masks_all = self._reference_masks_all()
+        grads = {name: torch.zeros(num_tasks, *p.shape, device=p.device) for name, p in params.items()}
+        losses = torch.zeros(num_tasks)
+        for task in range(num_tasks):
+            for layer in layers.values():  # the sinks receive the dense effective-weight gradients of this task
+                layer.task_grad_sink = torch.zeros(num_tasks, *layer.weight.shape, device=layer.weight.device)
+            try:
+                batch = self._fresh_task_batch([task], tag=1)
+                loss, task_losses = self._per_task_loss(model, batch)
+                task_grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                dense = {
+                    name: body[name].task_grad_sink[task] if name in body else g
+                    for name, g in zip(params, task_grads, strict=True)
+                }
+            finally:
+                for layer in layers.values():
+                    layer.task_grad_sink = None
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in dense.values() if g is not None))
             scale = min(1.0, self.args.max_grad_norm / (float(norm) + 1e-6)) if self.args.max_grad_norm > 0 else 1.0
-            for name, g in zip(params, task_grads, strict=True):
-                if g is not None:
-                    grads[name][task] = g * scale
+            for name, g in dense.items():
+                if g is None:
+                    continue
+                masked = "embed" in name or "predict" in name
+                grads[name][task] = g * scale if masked else g * scale * masks_all[name][task]
             losses[task] = task_losses[task].cpu()
         return grads, losses
 
@@ -280,17 +337,51 @@ class HarmoDTTrainer(Trainer):
             }
         return {name: body.get(name, self._reference_extra_masks.get(name)) for name, _ in model.named_parameters()}
 
+    # ------------------------------------------------------------------------------------------------ dose
+    def active_weights_per_task(self) -> int:
+        """The fewest active (kept) masked weights of any task (ERK keeps the same count in every task)."""
+        masks = self.harmodt.get_task_masks()
+        return int((mask_math.mask_density(masks) * self.harmodt.num_masked_parameters()).min().item())
+
+    def prune_count_at(self, step: int) -> int:
+        """k, the weights pruned and regrown per task by the update after optimizer step ``step`` (1-based).
+
+        The η bell is indexed by the 0-based iteration as in the official ``main.py`` (α = iter / max_iters with the
+        update after iteration ``iter``): the update after step ``s`` uses ``t = s - 1``."""
+        args = self.args
+        total = args.eta_total_steps or self.state.max_steps or args.max_steps
+        eta_max = eta_max_count(args, self.active_weights_per_task())
+        return mask_update.prune_count(step - 1, total, args.eta_min, eta_max, args.eta_schedule)
+
+    def planned_moved_fraction(self, max_steps: int | None = None) -> float:
+        """Σk over every mask update of the run divided by a task's active weights: the share of each task's mask
+        the whole schedule moves (if no weight moved twice)."""
+        max_steps = max_steps or self.state.max_steps or self.args.max_steps
+        interval = self.args.mask_update_interval
+        planned = sum(self.prune_count_at(step) for step in range(interval, max_steps + 1, interval))
+        return planned / self.active_weights_per_task()
+
+    def moved_fraction(self) -> torch.Tensor:
+        """Per task, the share of its initially active weights that are inactive now, ``(num_tasks,)`` float64
+        (``|M_0 ∧ ¬M| / |M_0|``; each pruned weight is paired with a regrown one, so half the bits changed)."""
+        masks = self.harmodt.get_task_masks()
+        num_tasks = self.harmodt.config.num_tasks
+        left = sum((m0 & ~masks[n]).reshape(num_tasks, -1).sum(dim=1) for n, m0 in self.initial_masks.items())
+        kept = sum(m0.reshape(num_tasks, -1).sum(dim=1) for m0 in self.initial_masks.values())
+        return left.double() / kept.double()
+
     def update_masks(self) -> dict[str, Any]:
         """One outer step: score, prune and regrow every task's mask; returns (and logs) its statistics."""
         model = self.harmodt
         args = self.args
-        total = args.eta_total_steps or self.state.max_steps
-        k = mask_update.prune_count(self.state.global_step, total, args.eta_min, args.eta_max, args.eta_schedule)
+        k = self.prune_count_at(self.state.global_step)
         was_training = model.training
         train_mode = args.mask_grad_train_mode
         model.train(args.update_rule == "reference" if train_mode is None else train_mode)
         try:
-            if args.update_rule == "harmony":
+            if args.update_rule == "harmony" and args.score == "random":
+                grads, losses = {}, torch.full((model.config.num_tasks,), math.nan)  # the churn control reads none
+            elif args.update_rule == "harmony":
                 grads, losses = self._harmony_task_gradients()
             else:
                 grads, losses = self._reference_task_gradients()
@@ -304,7 +395,11 @@ class HarmoDTTrainer(Trainer):
         stats: dict[str, Any] = {}
         if self.accelerator.is_main_process:
             with torch.no_grad():
-                if args.update_rule == "harmony":
+                if args.update_rule == "harmony" and args.score == "random":
+                    new_masks, stats = mask_update.random_prune_regrow(
+                        model.get_task_masks(), k, self._churn_generator()
+                    )
+                elif args.update_rule == "harmony":
                     self._clip_task_grads(grads)
                     params = {name: model.get_parameter(name) for name in body_names}
                     # The gradients are ours: overwriting them saves a (T, *shape) buffer per parameter.
@@ -323,6 +418,10 @@ class HarmoDTTrainer(Trainer):
         record = self._mask_log(k, stats, losses)
         self.mask_history.append({"step": self.state.global_step, "hash": self.mask_hash(), **record})
         return record
+
+    def _churn_generator(self) -> torch.Generator:
+        """The random choices of the churn control: seeded by (seed, step), so a run is reproducible and resumable."""
+        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Trainer's log, with the last mask update's statistics merged into the log of the same step."""
@@ -359,15 +458,18 @@ class HarmoDTTrainer(Trainer):
         iou = mask_math.pairwise_iou(task_masks)
         num_tasks = model.config.num_tasks
         off_diagonal = iou[~torch.eye(num_tasks, dtype=torch.bool)]
+        moved = self.moved_fraction()
         record: dict[str, Any] = {
             "mask/k": k,
             "mask/pruned": int(stats["pruned"].sum()) if "pruned" in stats else 0,
             "mask/regrown": int(stats["regrown"].sum()) if "regrown" in stats else 0,
             "mask/mean_density": float(density.mean()),
             "mask/mean_pairwise_iou": float(off_diagonal.mean()) if num_tasks > 1 else 1.0,
+            "mask/moved_fraction": float(moved.mean()),
         }
         for t, name in enumerate(model.config.task_names):
             record[f"mask/density/{name}"] = float(density[t])
+            record[f"mask/moved/{name}"] = float(moved[t])
             record[f"mask/loss/{name}"] = float(losses[t])
         return record
 
@@ -391,6 +493,20 @@ class _MaskLoopCallback(TrainerCallback):
 
     def __init__(self, trainer: HarmoDTTrainer) -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.harmodt.config.mask_mode == "harmony":
+            trainer.planned_share = trainer.planned_moved_fraction(state.max_steps)
+            logger.warning(
+                "Mask schedule: %d updates (every %d steps, η_max = %s weights per task), Σk moves %.2f%% of each "
+                "task's %d active weights",
+                state.max_steps // args.mask_update_interval,
+                args.mask_update_interval,
+                eta_max_count(args, trainer.active_weights_per_task()),
+                100 * trainer.planned_share,
+                trainer.active_weights_per_task(),
+            )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.snapshot_unused_weights()
