@@ -142,7 +142,7 @@ def test_reference_gradients_clip_the_dense_gradient_then_mask(generated_dataset
         # The official way: load W ⊙ M_t into a model whose forward masks nothing more, then differentiate.
         dense_model = copy.deepcopy(model)
         with torch.no_grad():
-            for name, layer in dense_model.masked_layers().items():
+            for layer in dense_model.masked_layers().values():
                 layer.weight.mul_(layer.task_masks()[task])
                 layer.set_task_masks(torch.ones_like(layer.task_masks()))
         batch = trainer._fresh_task_batch([task], tag=1)
