@@ -21,8 +21,9 @@ import time
 import warnings
 from pathlib import Path
 
-from harmodt_hf import generation, tasks
-from harmodt_hf.generation import episode_rng, expert_policy, generate_dataset, generate_episode
+from harmodt_hf.data import generation
+from harmodt_hf.data.generation import episode_rng, expert_policy, generate_dataset, generate_episode
+from harmodt_hf.envs import factory as tasks
 from harmodt_hf.tasks import MT50, resolve_tasks
 
 OFFICIAL_EPISODES = 50 * 2000

@@ -17,7 +17,7 @@ per episode, only what the last action needs computed, env stepping pipelined wi
 workers); with ``--stop-on-success`` it ends each episode at its first success, which gives the same success rates
 (success = success at any step) with fewer steps, so the printed agreement of successes matters there. Both wall
 times include building the environments: the baseline builds each task's ``MT1`` once, as the official code does;
-the batched runs read the goal lists from harmodt-hf's on-disk cache (``harmodt_hf.goal_cache``, filled by the
+the batched runs read the goal lists from harmodt-hf's on-disk cache (``harmodt_hf.envs.goal_cache``, filled by the
 warm-up run; the first evaluation on a machine builds them, ~0.5 s per task). The actions of both runs are compared
 over the steps both ran (max absolute difference). Then the same envs are stepped with zero actions in one process
 (the simulator's own limit). Torch uses ``--threads`` threads in every run (1: bit-identical actions; robust on a
@@ -48,8 +48,9 @@ import numpy as np
 import torch
 
 from harmodt_hf import HarmoDTConfig, HarmoDTModel
-from harmodt_hf.evaluation import PRECISIONS, HarmoDTPolicy, episode_reset_seed, evaluate
-from harmodt_hf.tasks import _benchmark, make_env, resolve_tasks
+from harmodt_hf.envs.factory import _benchmark, make_env
+from harmodt_hf.evaluation.rollouts import PRECISIONS, HarmoDTPolicy, episode_reset_seed, evaluate
+from harmodt_hf.tasks import resolve_tasks
 
 
 def paper_model(tasks: list[str], seed: int = 0, device: str = "cpu") -> HarmoDTModel:

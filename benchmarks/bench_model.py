@@ -16,7 +16,7 @@ import time
 import torch
 
 from harmodt_hf import HarmoDTConfig, HarmoDTModel
-from harmodt_hf.masked_linear import MaskedLinear
+from harmodt_hf.model.masked_linear import MaskedLinear
 
 
 def make_batch(config: HarmoDTConfig, task_ids: torch.Tensor, seed: int = 0) -> dict:

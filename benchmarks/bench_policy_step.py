@@ -22,7 +22,7 @@ import torch
 from bench_eval import paper_model
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.evaluation import HarmoDTPolicy
+from harmodt_hf.evaluation.rollouts import HarmoDTPolicy
 from harmodt_hf.tasks import OBSERVATION_DIM, resolve_tasks
 
 

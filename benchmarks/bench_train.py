@@ -29,8 +29,8 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from harmodt_hf import HarmoDTConfig, HarmoDTModel
-from harmodt_hf.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
-from harmodt_hf.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
+from harmodt_hf.training.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
+from harmodt_hf.training.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
 
 
 class StepTimer(TrainerCallback):

@@ -24,10 +24,10 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.evaluation import evaluate
-from harmodt_hf.segments import SegmentDataset, SegmentSampler
-from harmodt_hf.train_cli import DataArguments, ModelArguments, build_config, load_episodes
-from harmodt_hf.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
+from harmodt_hf.evaluation.rollouts import evaluate
+from harmodt_hf.training.cli import DataArguments, ModelArguments, build_config, load_episodes
+from harmodt_hf.training.segments import SegmentDataset, SegmentSampler
+from harmodt_hf.training.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
 
 
 class TimeBudget(TrainerCallback):

@@ -36,7 +36,7 @@ def load_study(path: Path) -> dict:
 
 
 def ensure_dataset(study: dict, folder: Path, workers: int) -> Path:
-    from harmodt_hf.generation import generate_dataset
+    from harmodt_hf.data.generation import generate_dataset
 
     generate_dataset(folder, study["tasks"], study["episodes_per_task"], seed=study.get("data_seed", 0),
                      num_workers=workers, progress=True)  # fmt: skip

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from harmodt_hf.conversion import convert_official_dataset
+from harmodt_hf.data.conversion import convert_official_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

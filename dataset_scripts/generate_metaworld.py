@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from harmodt_hf.generation import generate_dataset
+from harmodt_hf.data.generation import generate_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harmodt_hf.hub import HubPushError, push_dataset
+from harmodt_hf.hub.push import HubPushError, push_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

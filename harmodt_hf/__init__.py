@@ -1,13 +1,15 @@
 """harmodt-hf: HarmoDT (Harmony Multi-Task Decision Transformer) for the Hugging Face ecosystem.
 
-Importing the package registers ``model_type="harmodt"`` with ``AutoConfig`` and ``AutoModel``.
+Importing the package registers ``model_type="harmodt"`` with ``AutoConfig`` and ``AutoModel``. Layout:
+``harmodt_hf.model`` (config, model, masks), ``harmodt_hf.training`` (the algorithm and its Trainer),
+``harmodt_hf.evaluation`` (policy and rollouts), ``harmodt_hf.envs`` (Meta-World environments), ``harmodt_hf.data``
+(episode datasets) and ``harmodt_hf.hub`` (cards and uploads).
 """
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_harmodt import HarmoDTConfig
-from .modeling_harmodt import HarmoDTModel, HarmoDTOutput, PromptKeyValues
-from .trainer import HarmoDTTrainer, HarmoDTTrainingArguments
+from harmodt_hf.model import HarmoDTConfig, HarmoDTModel, HarmoDTOutput, PromptKeyValues
+from harmodt_hf.training import HarmoDTTrainer, HarmoDTTrainingArguments
 
 __version__ = "0.1.0"
 

@@ -76,7 +76,7 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
 
 def generate(data_dir: Path, sizes: JobSizes, seed: int, num_workers: int) -> Path:
     """Generate (or resume) the MT5 dataset; a folder made with other sizes is regenerated."""
-    from .generation import generate_dataset
+    from harmodt_hf.data.generation import generate_dataset
 
     kwargs = dict(seed=seed, num_workers=num_workers, progress=True)
     try:
@@ -91,7 +91,7 @@ def generate(data_dir: Path, sizes: JobSizes, seed: int, num_workers: int) -> Pa
 
 def train(data_dir: Path, train_dir: Path, sizes: JobSizes, seed: int) -> Path:
     """Train HarmoDT-F with ``training/configs/tiny.yaml``; returns the final model folder."""
-    from .train_cli import main as train_main
+    from harmodt_hf.training.cli import main as train_main
 
     argv = [
         "--config", str(TINY_CONFIG),
@@ -113,7 +113,7 @@ def record_video(model, results: dict, video_dir: Path, sizes: JobSizes, seed: i
 
     Rendering needs an OpenGL backend (``MUJOCO_GL=egl`` by default); without one the job goes on without a video.
     """
-    from .evaluation import evaluate
+    from harmodt_hf.evaluation.rollouts import evaluate
 
     tasks = results["tasks"]
     task = next((t for t in tasks if results["per_task"][t]["successes"][0]), tasks[0])
@@ -145,9 +145,9 @@ def run(
     video: bool = True,
 ) -> dict[str, Any]:
     """Run every stage into ``output`` (``data/``, ``train/``, ``model/``); returns the job summary."""
-    from . import HarmoDTModel
-    from .cards import write_model_folder
-    from .evaluation import evaluate
+    from harmodt_hf import HarmoDTModel
+    from harmodt_hf.evaluation.rollouts import evaluate
+    from harmodt_hf.hub.cards import write_model_folder
 
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for the video (before mujoco is imported)
     torch.set_num_threads(threads)

@@ -1,14 +1,9 @@
-"""Meta-World task sets (canonical order) and a goal-observable environment factory."""
+"""Meta-World task names and sets (canonical order), without the simulator (environments: :mod:`harmodt_hf.envs`)."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from functools import lru_cache
-from typing import NamedTuple
-
-from .compiled_models import reuse_compiled_models
-from .goal_cache import cached_goals
 
 # The canonical MT50 order used by MTDiff/HarmoDT (v2 names there, v3 here). MT5 and MT30 are prefixes of it.
 MT50: tuple[str, ...] = tuple(
@@ -115,38 +110,3 @@ def resolve_tasks(tasks: str | Sequence[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"Task list has duplicates: {names}")
     return names
-
-
-class _TaskGoals(NamedTuple):
-    """What ``make_env`` needs of ``MT1(task, seed)``: the task's env class and its goal list."""
-
-    env_class: type
-    goals: list
-
-
-@lru_cache(maxsize=64)
-def _benchmark(task_name: str, seed: int) -> _TaskGoals:
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
-    return _TaskGoals(ALL_V3_ENVIRONMENTS[task_name], cached_goals(task_name, seed))
-
-
-def goals(task_name: str, seed: int = 0) -> list:
-    """The task's goal list (``MT1(task).train_tasks``, 50 goals), as the official evaluation uses; kept on disk
-    after the first build (:mod:`harmodt_hf.goal_cache`)."""
-    return list(_benchmark(check_task_name(task_name), seed).goals)
-
-
-def make_env(task_name: str, goal_index: int = 0, seed: int = 0):
-    """A goal-observable Meta-World v3 env (39-dim obs) set to goal ``goal_index`` of ``MT1(task_name, seed)``.
-
-    Episodes last ``EPISODE_LENGTH`` steps; ``info['success']`` reports success. The MuJoCo model is compiled once
-    per task and process and copied for each environment (:mod:`harmodt_hf.compiled_models`).
-    """
-    bench = _benchmark(check_task_name(task_name), seed)
-    if not 0 <= goal_index < len(bench.goals):
-        raise ValueError(f"goal_index must be in [0, {len(bench.goals)}), got {goal_index}")
-    with reuse_compiled_models():
-        env = bench.env_class()
-    env.set_task(bench.goals[goal_index])
-    return env

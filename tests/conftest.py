@@ -175,7 +175,7 @@ GENERATED_TASKS = ["button-press-topdown-v3", "drawer-close-v3", "reach-v3"]  # 
 
 @pytest.fixture(scope="session")
 def generated_dataset(tmp_path_factory) -> Path:
-    from harmodt_hf.generation import generate_dataset
+    from harmodt_hf.data.generation import generate_dataset
 
     folder = tmp_path_factory.mktemp("generated") / "mt-small"
     generate_dataset(folder, GENERATED_TASKS, 4, seed=0, num_workers=1, progress=False)

@@ -11,9 +11,9 @@ import pytest
 from helpers import tiny_config
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf import trainer as trainer_module
-from harmodt_hf.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
-from harmodt_hf.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
+from harmodt_hf.training import trainer as trainer_module
+from harmodt_hf.training.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
+from harmodt_hf.training.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
 
 PROBE = """
 import json, resource, sys, torch

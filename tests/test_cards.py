@@ -1,4 +1,4 @@
-"""Model cards (harmodt_hf.cards): Hub metadata with one eval result per task, figures, the model folder, errors."""
+"""Model cards (harmodt_hf.hub.cards): Hub metadata with one eval result per task, figures, the model folder, errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.cards import (
+from harmodt_hf.hub.cards import (
     CardError,
     build_model_card,
     mask_embedding,
@@ -24,8 +24,8 @@ from harmodt_hf.cards import (
     plot_mask_overlap,
     write_model_folder,
 )
-from harmodt_hf.hub import card_links, validate_model_folder
-from harmodt_hf.masks import pairwise_iou
+from harmodt_hf.hub.push import card_links, validate_model_folder
+from harmodt_hf.model.masks import pairwise_iou
 
 ROOT = Path(__file__).resolve().parents[1]
 RATES = {"reach-v3": 0.9, "push-v3": 0.3, "pick-place-v3": 0.0}
@@ -44,7 +44,7 @@ SUMMARY = {
 
 
 def fake_results(rates: dict[str, float] = RATES, episodes: int = 10) -> dict:
-    """A results dict shaped like harmodt_hf.evaluation.evaluate's."""
+    """A results dict shaped like harmodt_hf.evaluation.rollouts.evaluate's."""
     per_task = {}
     for i, (task, rate) in enumerate(rates.items()):
         successes = [e < round(rate * episodes) for e in range(episodes)]

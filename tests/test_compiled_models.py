@@ -6,8 +6,8 @@ import mujoco
 import numpy as np
 import pytest
 
-from harmodt_hf import compiled_models
-from harmodt_hf.tasks import _benchmark, make_env
+from harmodt_hf.envs import compiled_models
+from harmodt_hf.envs.factory import _benchmark, make_env
 
 
 @pytest.fixture

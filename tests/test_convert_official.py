@@ -10,8 +10,8 @@ import datasets
 import numpy as np
 import pytest
 
-from harmodt_hf.conversion import convert_official_dataset
-from harmodt_hf.data import EPISODE_FEATURES, load_metaworld_dataset, load_stats
+from harmodt_hf.data.conversion import convert_official_dataset
+from harmodt_hf.data.loading import EPISODE_FEATURES, load_metaworld_dataset, load_stats
 from harmodt_hf.tasks import MT50
 
 REPO = Path(__file__).resolve().parents[1]

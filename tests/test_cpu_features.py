@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_config
 
 from harmodt_hf import HarmoDTModel, cpu_features
-from harmodt_hf.policy import HarmoDTPolicy
+from harmodt_hf.evaluation.policy import HarmoDTPolicy
 
 
 def test_probes_answer_booleans_and_a_missing_probe_is_false(monkeypatch):

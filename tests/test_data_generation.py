@@ -20,16 +20,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from harmodt_hf.data import (
+from harmodt_hf.data.folder import write_parquet_atomic
+from harmodt_hf.data.generation import NoiseSchedule, generate_dataset
+from harmodt_hf.data.loading import (
     EPISODE_FEATURES,
     check_episode_schema,
     load_metaworld_dataset,
     load_stats,
     state_stats,
 )
-from harmodt_hf.dataset_folder import write_parquet_atomic
-from harmodt_hf.generation import NoiseSchedule, generate_dataset
-from harmodt_hf.tasks import MT50, make_env
+from harmodt_hf.envs import make_env
+from harmodt_hf.tasks import MT50
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["reach-v3", "button-press-topdown-v3"]  # canonical order: button-press-topdown (2) before reach (27)

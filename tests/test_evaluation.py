@@ -15,9 +15,9 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.eval_callback import SuccessRateCallback
-from harmodt_hf.evaluation import HarmoDTPolicy, episode_reset_seed, evaluate, plot_success
-from harmodt_hf.tasks import make_env
+from harmodt_hf.envs import make_env
+from harmodt_hf.evaluation.rollouts import HarmoDTPolicy, episode_reset_seed, evaluate, plot_success
+from harmodt_hf.training.eval_callback import SuccessRateCallback
 
 logging.disable_progress_bar()
 TWO_TASKS = ["reach-v3", "push-v3"]

@@ -8,7 +8,8 @@ import metaworld
 import numpy as np
 import pytest
 
-from harmodt_hf import goal_cache, tasks
+from harmodt_hf.envs import factory as tasks
+from harmodt_hf.envs import goal_cache
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Hub publishing (harmodt_hf.hub, the push CLIs) against the loopback Hub, with the real clients reading back."""
+"""Hub publishing (harmodt_hf.hub.push, the push CLIs) against the loopback Hub, with the real clients reading back."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from harmodt_hf.hub import HubAuthError, HubPushError, card_links, push_dataset, push_model
+from harmodt_hf.hub.push import HubAuthError, HubPushError, card_links, push_dataset, push_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cf")

@@ -7,10 +7,10 @@ import torch
 from transformers.utils import logging
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.evaluation import evaluate
-from harmodt_hf.generation import NoiseSchedule, generate_dataset
-from harmodt_hf.modeling_harmodt import PROMPT_KEYS
-from harmodt_hf.train_cli import main as train
+from harmodt_hf.data.generation import NoiseSchedule, generate_dataset
+from harmodt_hf.evaluation.rollouts import evaluate
+from harmodt_hf.model.modeling_harmodt import PROMPT_KEYS
+from harmodt_hf.training.cli import main as train
 
 logging.disable_progress_bar()
 EXPERT_ONLY = NoiseSchedule(knots=((0.0, 0.0), (1.0, 0.0)))

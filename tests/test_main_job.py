@@ -16,7 +16,7 @@ from helpers import random_inputs
 from huggingface_hub import ModelCard
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.hub import card_links, push_model, validate_model_folder
+from harmodt_hf.hub.push import card_links, push_model, validate_model_folder
 from harmodt_hf.tasks import MT5
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import torch
 from conftest import GENERATED_TASKS
 from transformers.utils import logging
 
-from harmodt_hf.mask_update import random_prune_regrow, select_prune_regrow
-from harmodt_hf.train_cli import build_trainer, load_episodes, main, parse_train_args
+from harmodt_hf.training.cli import build_trainer, load_episodes, main, parse_train_args
+from harmodt_hf.training.harmony import random_prune_regrow, select_prune_regrow
 
 logging.disable_progress_bar()
 SMALL = [

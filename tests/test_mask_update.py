@@ -1,4 +1,4 @@
-"""Tests for harmodt_hf.mask_update: scores, prune/regrow selection (both rules) and the η schedule."""
+"""Tests for harmodt_hf.training.harmony: scores, prune/regrow selection (both rules) and the η schedule."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import bool_tensor, float_tensor
 
-from harmodt_hf.mask_update import (
+from harmodt_hf.training.harmony import (
     _official_mean_gradient,
     _row_topk,
     agreement_scores,

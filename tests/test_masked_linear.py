@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harmodt_hf.masked_linear import MaskedLinear, TaskGroups
+from harmodt_hf.model.masked_linear import MaskedLinear, TaskGroups
 
 
 @pytest.mark.parametrize("mode", ["loop", "batched"])

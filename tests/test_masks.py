@@ -1,4 +1,4 @@
-"""Tests for harmodt_hf.masks: ERK densities and masks, bit packing, counts, merged masks, density, IoU."""
+"""Tests for harmodt_hf.model.masks: ERK densities and masks, bit packing, counts, merged masks, density, IoU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import bool_tensor
 
-from harmodt_hf.masks import (
+from harmodt_hf.model.masks import (
     _row_counts,
     erk_densities,
     erk_masks,

@@ -447,7 +447,7 @@ def _set_group_matmul(model: HarmoDTModel, mode: str) -> None:
 def test_batched_group_matmul_equals_the_loop(monkeypatch):
     """The accelerator path (one batched matmul over equal task groups) gives the loop's outputs, weight, bias and
     input gradients, per-task sink gradients and cached inference outputs."""
-    from harmodt_hf import masked_linear
+    from harmodt_hf.model import masked_linear
 
     decisions = []
     choose = masked_linear._use_batched_groups
@@ -495,7 +495,7 @@ def test_batched_group_matmul_equals_the_loop(monkeypatch):
 def test_cached_inference_pads_unequal_groups_into_one_batched_matmul(monkeypatch):
     """Off the CPU (forced here with "batched"), unequal task groups are padded to equal ones for one batched matmul:
     the same actions as the per-group loop, for the full forward and for ``last_action_only``."""
-    from harmodt_hf.masked_linear import TaskGroups
+    from harmodt_hf.model.masked_linear import TaskGroups
 
     paddings = []
     pad = TaskGroups.padding

@@ -8,7 +8,7 @@ import torch
 from helpers import capture_forward_inputs, random_inputs, tiny_prompted_model
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.evaluation import HarmoDTPolicy
+from harmodt_hf.evaluation.rollouts import HarmoDTPolicy
 
 TWO_TASKS = ["reach-v3", "push-v3"]
 

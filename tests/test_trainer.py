@@ -16,8 +16,8 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.train_cli import build_trainer, load_episodes, main, parse_train_args
-from harmodt_hf.trainer import HarmoDTTrainingArguments
+from harmodt_hf.training.cli import build_trainer, load_episodes, main, parse_train_args
+from harmodt_hf.training.trainer import HarmoDTTrainingArguments
 
 logging.disable_progress_bar()
 REPO = Path(__file__).resolve().parents[1]
@@ -200,8 +200,8 @@ def test_accelerate_launch_tiny_config_end_to_end(generated_dataset, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_dataset_tasks_missing_from_config_is_refused(generated_dataset, tmp_path):
-    from harmodt_hf.segments import SegmentDataset, SegmentSampler
-    from harmodt_hf.trainer import HarmoDTTrainer
+    from harmodt_hf.training.segments import SegmentDataset, SegmentSampler
+    from harmodt_hf.training.trainer import HarmoDTTrainer
 
     model_args, data_args, training_args = parse_train_args(_argv(generated_dataset, tmp_path))
     buffer = load_episodes(data_args)

@@ -19,7 +19,7 @@ import torch
 
 import harmodt_hf  # noqa: F401  (registers AutoConfig/AutoModel for model_type "harmodt")
 from harmodt_hf import HarmoDTModel
-from harmodt_hf.evaluation import PRECISIONS, evaluate, plot_success
+from harmodt_hf.evaluation.rollouts import PRECISIONS, evaluate, plot_success
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

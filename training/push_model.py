@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from harmodt_hf.hub import HubPushError, push_model
+from harmodt_hf.hub.push import HubPushError, push_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def ensure_card(folder: Path, repo_id: str, results: str | None, dataset_repo: s
         )
     import harmodt_hf  # noqa: F401  (registers the model type)
     from harmodt_hf import HarmoDTModel
-    from harmodt_hf.cards import write_card_files
+    from harmodt_hf.hub.cards import write_card_files
 
     model = HarmoDTModel.from_pretrained(folder)
     summary = folder / "training_summary.json"

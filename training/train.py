@@ -13,7 +13,7 @@ import sys
 
 import torch.distributed as dist
 
-from harmodt_hf.train_cli import main
+from harmodt_hf.training.cli import main
 
 if __name__ == "__main__":
     try:

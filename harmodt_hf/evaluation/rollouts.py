@@ -5,7 +5,7 @@ lasts at most 500 steps, and succeeds when ``info['success']`` is set at any ste
 model config's target return for the task and is decremented by every reward. All running episodes of all tasks are
 advanced together with one policy call per step, while the environments step in worker processes.
 
-The policy lives in :mod:`harmodt_hf.policy` and the environments in :mod:`harmodt_hf.eval_envs`; their public names
+The policy lives in :mod:`.policy` and the environments in :mod:`.workers`; their public names
 (:class:`HarmoDTPolicy`, :class:`EpisodeSpec`, :func:`episode_reset_seed`, :func:`write_video`, ...) are re-exported
 here.
 """
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .eval_envs import (
+from harmodt_hf.evaluation.policy import PRECISIONS, STD_EPSILON, HarmoDTPolicy, check_precision
+from harmodt_hf.evaluation.workers import (
     EnvFactory,
     EpisodeSpec,
     _default_env_factory,
@@ -31,8 +32,7 @@ from .eval_envs import (
     episode_reset_seed,
     write_video,
 )
-from .policy import PRECISIONS, STD_EPSILON, HarmoDTPolicy, check_precision
-from .tasks import ACTION_DIM, EPISODE_LENGTH, OBSERVATION_DIM, resolve_tasks
+from harmodt_hf.tasks import ACTION_DIM, EPISODE_LENGTH, OBSERVATION_DIM, resolve_tasks
 
 GOALS_PER_TASK = 50  # len(MT1(task).train_tasks)
 
@@ -202,7 +202,7 @@ def evaluate(
         video_format: ``"mp4"`` or ``"gif"``.
         record_actions: also return every episode's actions (``per_task[task]["actions"]``).
         progress: show a tqdm bar over environment steps.
-        env_factory: ``(task, goal_index, seed) -> env`` replacing :func:`harmodt_hf.tasks.make_env` (must be
+        env_factory: ``(task, goal_index, seed) -> env`` replacing :func:`harmodt_hf.envs.make_env` (must be
             picklable when workers are used).
         worker_timeout: seconds to wait for a worker's reply before reporting it as stuck.
         start_method: multiprocessing start method of the workers.

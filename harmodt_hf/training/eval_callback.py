@@ -11,8 +11,8 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from .evaluation import evaluate
-from .policy import check_precision
+from harmodt_hf.evaluation.policy import check_precision
+from harmodt_hf.evaluation.rollouts import evaluate
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
   ``"reference"``);
 * the η schedule :func:`prune_count`.
 
-Conventions as in :mod:`harmodt_hf.masks`: masks are dicts ``name -> bool tensor (num_tasks, *param_shape)``;
+Conventions as in :mod:`harmodt_hf.model.masks`: masks are dicts ``name -> bool tensor (num_tasks, *param_shape)``;
 parameters are dicts ``name -> tensor (*param_shape)``; per-task gradients and scores are dicts ``name -> tensor
 (num_tasks, *param_shape)``. Selection is global over all parameters of a dict, in the dict's iteration order.
 """
@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from .masks import _check_same_layout, _num_tasks, _row_counts
+from harmodt_hf.model.masks import _check_same_layout, _num_tasks, _row_counts
 
 __all__ = [
     "agreement_scores",

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .tasks import MT50, make_env
+from harmodt_hf.tasks import MT50
 
 EnvFactory = Callable[[str, int, int], Any]  # (task name, goal index, benchmark seed) -> gymnasium env
 
@@ -51,6 +51,8 @@ def episode_reset_seed(seed: int, task: str, episode: int) -> int:
 
 
 def _default_env_factory(task: str, goal_index: int, seed: int):
+    from harmodt_hf.envs import make_env  # MuJoCo is imported where environments are built
+
     return make_env(task, goal_index, seed)
 
 
@@ -257,7 +259,7 @@ class _WorkerEnvs:
         self.specs, self.seed, self.timeout = list(specs), seed, timeout
         context = mp.get_context(start_method)
         if start_method == "forkserver":
-            context.set_forkserver_preload(["harmodt_hf.eval_envs", "metaworld"])
+            context.set_forkserver_preload(["harmodt_hf.evaluation.workers", "metaworld"])
         # Whole tasks go round-robin to workers (each worker reads the goals and compiles the MuJoCo model of its own
         # tasks only); with fewer tasks than workers, episodes go round-robin instead (contiguous runs of episodes
         # were tried: with stop_on_success the episodes of hard tasks then run on on few workers, 2x slower per step).

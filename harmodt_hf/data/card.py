@@ -16,11 +16,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from .data import QUALITIES, STATS_FILENAME
-from .dataset_folder import HALVES, complete_tasks, read_manifest, shard_path, shard_relpath, write_bytes_atomic
-from .tasks import MT50, OBSERVATION_DIM, TASK_SETS
+from harmodt_hf.data.folder import (
+    HALVES,
+    complete_tasks,
+    read_manifest,
+    shard_path,
+    shard_relpath,
+    write_bytes_atomic,
+)
+from harmodt_hf.data.loading import QUALITIES, STATS_FILENAME
+from harmodt_hf.tasks import MT50, OBSERVATION_DIM, TASK_SETS
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "dataset_card.md.j2"
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "dataset_card.md.j2"
 HISTOGRAM_PATH = "images/returns_histogram.png"
 QUALITY_HALVES = {"near-optimal": HALVES, "sub-optimal": HALVES[:1]}
 
@@ -143,7 +150,7 @@ def plot_return_histogram(returns: dict[str, np.ndarray]) -> bytes:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from harmodt_hf import __version__
 
     out = {"python": platform.python_version(), "harmodt-hf": __version__}
     for name in ("metaworld", "mujoco", "gymnasium", "numpy", "datasets", "pyarrow"):

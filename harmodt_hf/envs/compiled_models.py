@@ -2,7 +2,7 @@
 
 Building a Meta-World environment is almost entirely ``mujoco.MjModel.from_xml_path`` (~0.1 s per environment on a
 2-core CPU: XML, meshes, textures); copying a compiled model takes ~9 ms. An evaluation builds one environment per
-episode (500 for MT50 x 10), so :func:`make_env <harmodt_hf.tasks.make_env>` builds them inside
+episode (500 for MT50 x 10), so :func:`make_env <harmodt_hf.envs.make_env>` builds them inside
 :func:`reuse_compiled_models`. Every environment still gets its own ``MjModel`` (Meta-World changes model fields such
 as body positions on reset), copied from a pristine one that no environment holds, so the simulation is the same
 as after a fresh compile (tests/test_compiled_models.py compares 60-step episodes).

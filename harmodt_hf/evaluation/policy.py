@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .cpu_features import warn_if_bf16_is_emulated
-from .modeling_harmodt import PromptKeyValues
-from .segments import STD_EPS as STD_EPSILON  # states: (obs - mean) / (std + 1e-6), as in training
+from harmodt_hf.cpu_features import warn_if_bf16_is_emulated
+from harmodt_hf.model.modeling_harmodt import PromptKeyValues
+from harmodt_hf.training.segments import STD_EPS as STD_EPSILON  # states: (obs - mean) / (std + 1e-6), as in training
 
 # Inference precisions: the autocast dtype of the model's forward (None: autocast off, the model's own dtype).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}

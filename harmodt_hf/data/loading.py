@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, Features, List, Value, load_dataset
 
-from .tasks import ACTION_DIM, OBSERVATION_DIM, check_task_name
+from harmodt_hf.tasks import ACTION_DIM, OBSERVATION_DIM, check_task_name
 
 EPISODE_FEATURES = Features(
     {

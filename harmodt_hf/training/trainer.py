@@ -6,7 +6,7 @@ move a task's masked-out weights.
 
 Outer step (``mask_mode="harmony"``), after the optimizer step when ``global_step % mask_update_interval == 0``:
 per-task gradients on fresh batches → agreement / importance scores → prune k active, regrow k inactive weights per
-task (``harmodt_hf.mask_update``). Gradients are averaged over processes and the new masks are broadcast from process 0,
+task (:mod:`.harmony`). Gradients are averaged over processes and the new masks are broadcast from process 0,
 so every process holds identical masks (checked by hash after every update when several processes run).
 """
 
@@ -24,12 +24,12 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from . import mask_update
-from . import masks as mask_math
-from .allocator import keep_freed_memory
-from .cpu_features import warn_if_bf16_is_emulated
-from .modeling_harmodt import HarmoDTModel
-from .segments import SegmentDataset, collate_segments
+from harmodt_hf.allocator import keep_freed_memory
+from harmodt_hf.cpu_features import warn_if_bf16_is_emulated
+from harmodt_hf.model import masks as mask_math
+from harmodt_hf.model.modeling_harmodt import HarmoDTModel
+from harmodt_hf.training import harmony as mask_update
+from harmodt_hf.training.segments import SegmentDataset, collate_segments
 
 logger = logging.get_logger(__name__)
 REFERENCE_MASKS_FILE = "reference_extra_masks.safetensors"
@@ -147,7 +147,7 @@ class HarmoDTTrainer(Trainer):
         if not isinstance(args, HarmoDTTrainingArguments):
             raise TypeError("HarmoDTTrainer needs HarmoDTTrainingArguments")
         if not isinstance(dataset, SegmentDataset):
-            raise TypeError("HarmoDTTrainer trains on a harmodt_hf.segments.SegmentDataset")
+            raise TypeError("HarmoDTTrainer trains on a harmodt_hf.training.segments.SegmentDataset")
         config = model.config
         data_tasks = dataset.sampler.buffer.task_names
         if list(config.task_names) != list(data_tasks):

@@ -2,7 +2,7 @@
 
 HarmoDT keeps one binary mask per task over the transformer-body weights. This module holds what concerns the masks
 themselves, with no I/O, no distributed code and no model classes (the outer loop's update of the masks is in
-:mod:`harmodt_hf.mask_update`):
+:mod:`harmodt_hf.training.harmony`):
 
 * ERK initialisation: :func:`erk_densities`, :func:`erk_masks`;
 * storage: :func:`pack_masks`, :func:`unpack_masks`;
@@ -22,7 +22,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from .cpu_features import has_amx
+from harmodt_hf.cpu_features import has_amx
 
 __all__ = [
     "erk_densities",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .configuration_harmodt import HarmoDTConfig
+from harmodt_hf.model.configuration_harmodt import HarmoDTConfig
 
 STD_EPS = 1e-6  # states are normalised as (obs - mean) / (std + STD_EPS), in training and when acting
 

@@ -13,11 +13,11 @@ import numpy as np
 import yaml
 from transformers import HfArgumentParser, set_seed
 
-from .configuration_harmodt import HarmoDTConfig
-from .modeling_harmodt import HarmoDTModel
-from .segments import EpisodeBuffer, SegmentDataset, SegmentSampler
-from .tasks import MT50
-from .trainer import HarmoDTTrainer, HarmoDTTrainingArguments
+from harmodt_hf.model.configuration_harmodt import HarmoDTConfig
+from harmodt_hf.model.modeling_harmodt import HarmoDTModel
+from harmodt_hf.tasks import MT50
+from harmodt_hf.training.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
+from harmodt_hf.training.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
 
 # What each paper variant means for the model and the mask loop.
 VARIANTS: dict[str, dict] = {
@@ -179,7 +179,7 @@ def build_config(model_args: ModelArguments, buffer: EpisodeBuffer) -> HarmoDTCo
 
 def load_episodes(data_args: DataArguments) -> EpisodeBuffer:
     """Read the dataset config and group its episodes by task (optionally a subset of tasks)."""
-    from .data import load_metaworld_dataset
+    from harmodt_hf.data.loading import load_metaworld_dataset
 
     dataset = load_metaworld_dataset(data_args.dataset, data_args.dataset_config)
     present = list(dict.fromkeys(dataset["task_name"]))
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
     buffer = load_episodes(data_args)
     callbacks = []
     if data_args.eval_every and data_args.eval_episodes:
-        from .eval_callback import SuccessRateCallback
+        from harmodt_hf.training.eval_callback import SuccessRateCallback
 
         callbacks.append(
             SuccessRateCallback(

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .data import EPISODE_FEATURES
-from .tasks import MT50
+from harmodt_hf.data.loading import EPISODE_FEATURES
+from harmodt_hf.tasks import MT50
 
 HALVES: tuple[str, ...] = ("first-half", "second-half")
 MANIFEST_FILENAME = "generation_config.json"

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .masks import mask_density, pairwise_iou
-from .tasks import TASK_SETS
+from harmodt_hf.model.masks import mask_density, pairwise_iou
+from harmodt_hf.tasks import TASK_SETS
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "model_card.md.j2"
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "model_card.md.j2"
 LIBRARY_NAME = "harmodt-hf"
 TAGS = ["reinforcement-learning", "meta-world", "harmodt", "decision-transformer", "multi-task", "offline-rl"]
 FIGURE_KEYS = ("success", "mask_overlap", "mask_embedding", "video")
@@ -60,7 +60,7 @@ def check_eval_results(model: torch.nn.Module, eval_results: Mapping[str, Any]) 
     per_task = eval_results.get("per_task")
     if not isinstance(per_task, Mapping) or not per_task:
         raise CardError(
-            "eval_results has no 'per_task' entries: pass the dict returned by harmodt_hf.evaluation.evaluate"
+            "eval_results has no 'per_task' entries: pass the dict returned by harmodt_hf.evaluation.rollouts.evaluate"
         )
     model_tasks = list(model.config.task_names)
     missing = [t for t in model_tasks if t not in per_task]
@@ -455,7 +455,7 @@ def write_card_files(
     video = _check_video(video)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    from .evaluation import plot_success
+    from harmodt_hf.evaluation.rollouts import plot_success
 
     figures = {"success": FIGURE_FILES["success"]}
     plot_success(eval_results, folder / FIGURE_FILES["success"])
@@ -500,9 +500,9 @@ def write_model_folder(
     evaluation results (``results.json``), the training summary and an optional rollout video.
 
     The inputs are checked before anything is written; the finished folder passes
-    :func:`harmodt_hf.hub.validate_model_folder`, so ``push_model(folder, repo_id)`` accepts it.
+    :func:`harmodt_hf.hub.push.validate_model_folder`, so ``push_model(folder, repo_id)`` accepts it.
     """
-    from .hub import validate_model_folder
+    from harmodt_hf.hub.push import validate_model_folder
 
     check_eval_results(model, eval_results)
     _check_video(video)

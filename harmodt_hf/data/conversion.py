@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset_folder import (
+from harmodt_hf.data.folder import (
     episodes_to_table,
     prepare_output,
     remove_stale_temporaries,
@@ -28,8 +28,8 @@ from .dataset_folder import (
     split_halves,
     write_parquet_atomic,
 )
-from .generation import FORMAT_VERSION, GenerationResult
-from .tasks import ACTION_DIM, EPISODE_LENGTH, MT50, OBSERVATION_DIM, check_task_name, resolve_tasks
+from harmodt_hf.data.generation import FORMAT_VERSION, GenerationResult
+from harmodt_hf.tasks import ACTION_DIM, EPISODE_LENGTH, MT50, OBSERVATION_DIM, check_task_name, resolve_tasks
 
 _EPISODE_FILE = re.compile(r"^(\d+)\.npz$")
 SUCCESS_KEYS = ("success", "successes")
@@ -172,7 +172,7 @@ def convert_official_dataset(
                 result.shards_written.append(str(path.relative_to(root)))
                 result.episodes_generated += len(episodes)
     if finalize:
-        from .dataset_card import finalize_dataset
+        from harmodt_hf.data.card import finalize_dataset
 
         finalize_dataset(root)
     result.seconds = time.perf_counter() - start

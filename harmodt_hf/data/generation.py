@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset_folder import (
+from harmodt_hf.data.folder import (
     HALVES,
     episodes_to_table,
     prepare_output,
@@ -36,7 +36,8 @@ from .dataset_folder import (
     split_halves,
     write_parquet_atomic,
 )
-from .tasks import EPISODE_LENGTH, MT50, OBSERVATION_DIM, goals, make_env, resolve_tasks
+from harmodt_hf.envs import goals, make_env
+from harmodt_hf.tasks import EPISODE_LENGTH, MT50, OBSERVATION_DIM, resolve_tasks
 
 FORMAT_VERSION = 1
 DEFAULT_KNOTS: tuple[tuple[float, float], ...] = (
@@ -297,7 +298,7 @@ def generate_dataset(
                 result.episodes_generated += len(done)
                 current = next(shard_iter, None)
     if finalize:
-        from .dataset_card import finalize_dataset
+        from harmodt_hf.data.card import finalize_dataset
 
         finalize_dataset(root)
     result.seconds = time.perf_counter() - start

@@ -1,5 +1,5 @@
 """The transformer body of HarmoDT: a GPT-2 stack (pre-LayerNorm blocks, causal attention) without token or position
-embeddings, whose linear layers are task-masked (:class:`~harmodt_hf.masked_linear.MaskedLinear`)."""
+embeddings, whose linear layers are task-masked (:class:`~harmodt_hf.model.masked_linear.MaskedLinear`)."""
 
 from __future__ import annotations
 

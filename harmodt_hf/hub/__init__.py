@@ -1,0 +1,1 @@
+"""The Hub: model cards and figures, model folders, and checked uploads of models and datasets."""
