@@ -119,3 +119,55 @@ def bool_tensor(values) -> torch.Tensor:
 def float_tensor(values) -> torch.Tensor:
     """A float32 tensor from nested lists."""
     return torch.tensor(values, dtype=torch.float32)
+
+
+def synthetic_episode_rows(task_names=TASKS, episodes: int = 3, length: int = 30, seed: int = 0) -> list[dict]:
+    """In-memory episode rows (the columns of an episode dataset) for training tests without Meta-World: per task,
+    observations around a task-specific offset and actions a fixed smooth function of them (something to learn).
+    The training goldens (tests/golden) are computed on these rows: changing them means regenerating the goldens."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(size=(39, 4)) / 6
+    rows = []
+    for t, name in enumerate(task_names):
+        for _ in range(episodes):
+            obs = (rng.normal(size=(length, 39)) + t).astype(np.float32)
+            rows.append(
+                dict(
+                    observations=obs,
+                    actions=np.tanh((obs - t) @ weights).astype(np.float32),
+                    rewards=rng.random(length).astype(np.float32),
+                    task_name=name,
+                )
+            )
+    return rows
+
+
+def synthetic_trainer(output_dir, config_overrides: dict | None = None, model_init=None, **training_args):
+    """A HarmoDTTrainer on the tiny config and :func:`synthetic_episode_rows` data (state stats from the data, stored
+    evaluation prompts), ready to ``train()``. ``model_init(model)`` may re-initialise the model before training;
+    ``training_args`` override the defaults below (``per_device_train_batch_size`` and ``max_steps`` included)."""
+    from transformers import set_seed
+
+    from harmodt_hf.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
+    from harmodt_hf.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
+
+    buffer = EpisodeBuffer.from_episodes(synthetic_episode_rows(TASKS), TASKS)
+    mean, std = buffer.state_stats()
+    config = tiny_config(state_mean=mean.tolist(), state_std=std.tolist(), **(config_overrides or {}))
+    defaults = dict(
+        output_dir=str(output_dir), use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
+        seed=0, max_steps=4, per_device_train_batch_size=6, task_sampling="all_tasks", learning_rate=1e-3,
+        mask_update_interval=1000, mask_grad_batch_size=2, logging_steps=1,
+    )  # fmt: skip
+    args = HarmoDTTrainingArguments(**{**defaults, **training_args})
+    set_seed(args.seed)
+    model = HarmoDTModel(config)
+    if model_init is not None:
+        model_init(model)
+    sampler = SegmentSampler(buffer, config)
+    model.set_task_prompts({k: torch.from_numpy(v) for k, v in sampler.evaluation_prompts().items()})
+    batch = args.per_device_train_batch_size
+    dataset = SegmentDataset(sampler, args.max_steps * batch, batch, task_sampling=args.task_sampling, seed=args.seed)
+    return HarmoDTTrainer(model=model, args=args, train_dataset=dataset)

@@ -23,6 +23,15 @@ logging.disable_progress_bar()
 TWO_TASKS = ["reach-v3", "push-v3"]
 
 
+def row_count_drift(precision: str = "fp32") -> float:
+    """Tolerance for actions of one episode computed in batches of different sizes: 0 where small one-thread matmuls
+    do not depend on the row count (AMX Xeon); else fp32 rounding carried by the simulator over tens of steps (max
+    8.2e-5 over 40 steps measured on an AVX2 EPYC), or for bf16 a last-bit difference that flips a bf16 rounding."""
+    if not small_matmuls_follow_row_count():
+        return 0.0
+    return 1e-3 if precision == "fp32" else 3e-2
+
+
 @pytest.fixture(scope="module")
 def model() -> HarmoDTModel:
     return tiny_prompted_model()
@@ -154,8 +163,9 @@ def test_batched_evaluation_matches_one_episode_at_a_time(model, one_torch_threa
 
 
 def test_bf16_batched_evaluation_matches_one_episode_at_a_time_and_keeps_the_protocol(model, one_torch_thread):
-    """precision="bf16": batched episodes equal batch-1 bf16 episodes bit for bit, differ from fp32 ones by bf16
-    rounding, and the run has the same episodes, seeds and result keys as an fp32 run (plus the precision)."""
+    """precision="bf16": batched episodes equal batch-1 bf16 episodes (bit for bit where the kernels ignore the row
+    count, else within row_count_drift), differ from fp32 ones by bf16 rounding, and the run has the same episodes,
+    seeds and result keys as an fp32 run (plus the precision)."""
     seed, max_steps = 2, 12
     kwargs = dict(tasks=TWO_TASKS, episodes_per_task=2, seed=seed, max_steps=max_steps, stop_on_success=False,
                   num_workers=0, record_actions=True, torch_threads=1)  # fmt: skip
@@ -173,15 +183,17 @@ def test_bf16_batched_evaluation_matches_one_episode_at_a_time_and_keeps_the_pro
         for e in range(2):
             reference, success, total = run_one_episode(model, task, e, seed, max_steps, precision="bf16")
             batched = np.array(b["actions"][e], dtype=np.float32)
-            np.testing.assert_array_equal(batched, reference)  # batching changes no bit under bf16 either
-            assert b["successes"][e] == success and b["returns"][e] == pytest.approx(total, rel=1e-12)
+            drift = row_count_drift("bf16")  # batch 4 against batch 1: the same kernels are not guaranteed
+            np.testing.assert_allclose(batched, reference, rtol=0, atol=drift)
+            assert b["successes"][e] == success and b["returns"][e] == pytest.approx(total, rel=drift or 1e-12)
             # Same first observation: the first actions differ by bf16 rounding only (and do differ: bf16 was used).
             first = np.abs(batched[0] - np.array(f["actions"][e][0], dtype=np.float32)).max()
             assert 0 < first < 0.05
 
 
 def test_stop_on_success_ends_episodes_and_keeps_others_exact(model):
-    """Push episodes end at their (forced) first success; reach episodes go on with unchanged actions."""
+    """Push episodes end at their (forced) first success; reach episodes go on with unchanged actions (within
+    row_count_drift: the batch shrinks)."""
     kwargs = dict(tasks=TWO_TASKS, episodes_per_task=2, seed=0, max_steps=20, num_workers=0, record_actions=True)
     stopped = evaluate(model, stop_on_success=True, env_factory=factory_push_succeeds_at_step_5, **kwargs)
     full = evaluate(model, stop_on_success=False, env_factory=factory_push_succeeds_at_step_5, **kwargs)
@@ -192,15 +204,18 @@ def test_stop_on_success_ends_episodes_and_keeps_others_exact(model):
     assert reach["episode_lengths"] == [20, 20] and reach["success_rate"] == 0.0
     assert stopped["mean_success_rate"] == 0.5
     assert stopped["env_steps"] == 5 + 6 + 40
-    for e in range(2):  # shrinking the batch leaves the remaining episodes' actions untouched
-        assert reach["actions"][e] == full["per_task"]["reach-v3"]["actions"][e]
-        assert push["actions"][e] == full["per_task"]["push-v3"]["actions"][e][: 5 + e]
+    drift = row_count_drift()  # from step 6 the stopped run acts on 3, then 2 rows, the full run on 4
+    for e in range(2):  # shrinking the batch leaves the remaining episodes' actions untouched (up to that rounding)
+        full_reach, full_push = (full["per_task"][task]["actions"][e] for task in ("reach-v3", "push-v3"))
+        np.testing.assert_allclose(reach["actions"][e], full_reach, rtol=0, atol=drift)
+        np.testing.assert_allclose(push["actions"][e], full_push[: 5 + e], rtol=0, atol=drift)
 
 
 @pytest.mark.slow
 def test_pipelined_evaluation_gives_the_same_results(model, one_torch_thread):
     """With two env workers the policy acts for one wave of episodes while the other wave's envs step (the default);
-    results equal the unpipelined run's, including episodes that end early (push succeeds at its 5th/6th step)."""
+    results equal the unpipelined run's (actions and returns within row_count_drift), including episodes that end
+    early (push succeeds at its 5th/6th step)."""
     kwargs = dict(tasks=TWO_TASKS, episodes_per_task=2, seed=1, max_steps=15, num_workers=2, record_actions=True,
                   env_factory=factory_push_succeeds_at_step_5, torch_threads=1)  # fmt: skip
     piped = evaluate(model, **kwargs)
@@ -208,9 +223,15 @@ def test_pipelined_evaluation_gives_the_same_results(model, one_torch_thread):
     assert piped["pipeline"] is True and plain["pipeline"] is False
     assert piped["per_task"]["push-v3"]["episode_lengths"] == [5, 6]
     assert piped["per_task"]["reach-v3"]["episode_lengths"] == [15, 15]
+    drift = row_count_drift()  # waves of 2 episodes against one batch of 4: the same kernels are not guaranteed
     for task in TWO_TASKS:
-        for key in ("actions", "successes", "returns", "episode_lengths"):
+        for key in ("successes", "episode_lengths"):
             assert piped["per_task"][task][key] == plain["per_task"][task][key], (task, key)
+        np.testing.assert_allclose(piped["per_task"][task]["returns"], plain["per_task"][task]["returns"],
+                                   rtol=drift or 1e-12)  # fmt: skip
+        for e in range(2):
+            np.testing.assert_allclose(piped["per_task"][task]["actions"][e], plain["per_task"][task]["actions"][e],
+                                       rtol=0, atol=drift)  # fmt: skip
 
 
 def test_results_are_json_and_describe_the_run(model, tmp_path):

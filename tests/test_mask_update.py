@@ -379,3 +379,94 @@ def test_prune_count_cosine_and_validation():
         prune_count(1, 10, schedule="linear")
     with pytest.raises(ValueError, match="t must"):
         prune_count(11, 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rule "reference" with agreement values of 1e3-1e5, where the official 1e5 offset decides the selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def official_selection(masks, grads, k, gamma, prune_offset=1e5, regrow_offset=1e5):
+    """The official formulas written out plainly (float64; the test values leave no near-ties). Per task i, with
+    ḡ the mean gradient and task 0's gradient replaced by ḡ: regrow the k largest ḡ⊙g_i + (1 − M_i·offset), prune
+    the k smallest (1 − M_i)·offset + γ·(ḡ⊙g_i) + g_i² (fisher). Returns sorted (prune, regrow) indices per task."""
+    g = np.array(grads, dtype=np.float64)
+    m = np.array(masks, dtype=np.float64)
+    gbar = g.mean(axis=0)
+    g[0] = gbar
+    prune, regrow = [], []
+    for i in range(len(g)):
+        agreement = gbar * g[i]
+        regrow_score = agreement + (1 - m[i] * regrow_offset)
+        prune_score = (1 - m[i]) * prune_offset + gamma * agreement + g[i] ** 2
+        regrow.append(sorted(np.argsort(-regrow_score)[:k].tolist()))
+        prune.append(sorted(np.argsort(prune_score)[:k].tolist()))
+    return prune, regrow
+
+
+def official_is_valid(masks, selection) -> bool:
+    """Whether the official update prunes only active and regrows only inactive weights (masks stay in {0, 1})."""
+    prune, regrow = selection
+    return all(masks[i][j] for i, row in enumerate(prune) for j in row) and not any(
+        masks[i][j] for i, row in enumerate(regrow) for j in row
+    )
+
+
+def split(values, name_a="embed_a", name_b="predict_b"):
+    """(T, 8) values as two parameters (2, 2) and (4,) (unmasked in the forward: dense gradients, no ties)."""
+    t = torch.tensor(values)
+    return {name_a: t[:, :4].reshape(-1, 2, 2), name_b: t[:, 4:]}
+
+
+# Agreement ḡ⊙g_i of magnitude 1e3-1e5 for every task and entry (task 0: ḡ², the official in-place mean).
+LARGE_GRADS = [
+    [-406.0, 813.0, 725.0, -575.0, 668.0, -789.0, 486.0, -373.0],
+    [-29.0, -142.0, -97.0, 123.0, -167.0, 208.0, 191.0, 225.0],
+    [-282.0, 14.0, -250.0, 83.0, 191.0, -232.0, -256.0, -283.0],
+]
+LARGE_MASKS = [[1, 1, 0, 1, 1, 0, 0, 1], [0, 1, 1, 1, 0, 1, 1, 0], [0, 0, 1, 0, 1, 1, 1, 1]]
+
+
+def test_reference_selects_as_the_official_code_with_large_agreement_values():
+    """Agreement values of 1e3-1e5: the 1e5 offset still separates active from inactive weights, a smaller one would
+    not (the case is built so that offsets of 1e3 or 1e4 change the official selection)."""
+    gbar = np.array(LARGE_GRADS, dtype=np.float64).mean(axis=0)
+    agreement = np.abs(np.stack([gbar * gbar, gbar * LARGE_GRADS[1], gbar * LARGE_GRADS[2]]))
+    assert agreement.min() >= 1e3 and agreement.max() <= 1e5
+    expected = official_selection(LARGE_MASKS, LARGE_GRADS, k=2, gamma=10.0)
+    assert official_is_valid(LARGE_MASKS, expected)
+    for offset in (1e3, 1e4):  # the offset's size matters here, for the prune and for the regrow score
+        assert official_selection(LARGE_MASKS, LARGE_GRADS, 2, 10.0, prune_offset=offset)[0] != expected[0]
+        assert official_selection(LARGE_MASKS, LARGE_GRADS, 2, 10.0, regrow_offset=offset)[1] != expected[1]
+    masks = {n: m.bool() for n, m in split(LARGE_MASKS).items()}
+    new, stats = reference_prune_regrow(masks, split(LARGE_GRADS), None, k=2, gamma=10.0, kind="fisher")
+    assert stats["prune_indices"].tolist() == expected[0]
+    assert stats["regrow_indices"].tolist() == expected[1]
+    assert stats["regrow_ties"].tolist() == [1, 1, 1]
+    flat = torch.cat([new["embed_a"].reshape(3, -1), new["predict_b"]], dim=1)
+    assert flat.sum(1).tolist() == [5, 5, 5]
+
+
+# ḡ = [100, 110, 200, 120]; task 1's agreement: "prune" [5e3, 2.2e3, -2e4, 3.6e3] → the inactive entry 2 scores
+# 1e5 − 2e5 + 1e4 < every active one; "regrow" [-5e4, 8.8e4, -2e4, -1.8e4] → the active entry 1 scores 8.8e4 + 1 − 1e5,
+# above every inactive one. With a 1e6 offset both selections would be valid.
+CROSSING = {
+    "prune": [[150.0, 200.0, 500.0, 210.0], [50.0, 20.0, -100.0, 30.0]],
+    "regrow": [[700.0, -580.0, 500.0, 390.0], [-500.0, 800.0, -100.0, -150.0]],
+}
+
+
+@pytest.mark.parametrize("score", list(CROSSING))
+def test_reference_refuses_what_the_official_offset_lets_cross(score):
+    """Agreement values up to 1e5 with γ = 10 cross the 1e5 offset: the official code would prune an inactive (or
+    regrow an active) weight, leaving masks outside {0, 1}; the reference rule says so instead of selecting."""
+    masks, grads = [[1, 1, 0, 0], [1, 1, 0, 0]], CROSSING[score]
+    gbar = np.array(grads).mean(axis=0)
+    assert np.abs(gbar * np.array(grads[1])).min() >= 1e3 and np.abs(gbar * np.array(grads[1])).max() <= 1e5
+    assert not official_is_valid(masks, official_selection(masks, grads, k=1, gamma=10.0))
+    larger = {f"{score}_offset": 1e6}  # only this score crosses: with its offset raised, the selection is valid
+    assert official_is_valid(masks, official_selection(masks, grads, k=1, gamma=10.0, **larger))
+    with pytest.raises(RuntimeError, match="outside"):
+        reference_prune_regrow(
+            {"embed_w": bool_tensor(masks)}, {"embed_w": float_tensor(grads)}, None, k=1, gamma=10.0, kind="fisher"
+        )

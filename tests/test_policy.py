@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import capture_forward_inputs, random_inputs, tiny_prompted_model
+from helpers import capture_forward_inputs, random_inputs, small_matmuls_follow_row_count, tiny_prompted_model
 
 from harmodt_hf import HarmoDTModel
 from harmodt_hf.evaluation.rollouts import HarmoDTPolicy
@@ -97,7 +97,9 @@ def test_policy_slots_active_subsets_and_resets(model):
         alone.reset([task])
         alone.act(obs[0][[slot]])
         reward = [1.0] if slot == 0 else [2.0]
-        np.testing.assert_array_equal(alone.act(obs[1][[slot]], reward)[0], subset[[0, 2].index(slot)])
+        # 1 row against 2: exact where small matmuls ignore the row count, else float rounding (a step, no simulator)
+        atol = 1e-6 if small_matmuls_follow_row_count() else 0.0
+        np.testing.assert_allclose(alone.act(obs[1][[slot]], reward)[0], subset[[0, 2].index(slot)], atol=atol)
     fresh = HarmoDTPolicy(model)
     fresh.reset(["pick-place-v3"])
     np.testing.assert_array_equal(fresh.act(obs[2][[1]])[0], restarted[0])

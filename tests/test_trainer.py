@@ -168,7 +168,8 @@ def test_two_processes_hold_identical_masks(generated_dataset, tmp_path):
     out = tmp_path / "ddp"
     argv = _argv(generated_dataset, out, "--max_steps", "20", "--mask_update_interval", "5")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    # --standalone: rendezvous on localhost at a free port (port 0): concurrent test runs on one machine never collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "training" / "train.py"), *argv]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
