@@ -150,8 +150,8 @@ def synthetic_trainer(output_dir, config_overrides: dict | None = None, model_in
     ``training_args`` override the defaults below (``per_device_train_batch_size`` and ``max_steps`` included)."""
     from transformers import set_seed
 
-    from harmodt_hf.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
-    from harmodt_hf.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
+    from harmodt_hf.training.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
+    from harmodt_hf.training.trainer import HarmoDTTrainer, HarmoDTTrainingArguments
 
     buffer = EpisodeBuffer.from_episodes(synthetic_episode_rows(TASKS), TASKS)
     mean, std = buffer.state_stats()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import TASKS, tiny_config
 
-from harmodt_hf.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
+from harmodt_hf.training.segments import EpisodeBuffer, SegmentDataset, SegmentSampler
 
 EPS = 1e-6  # documented: states are normalised as (obs - mean) / (std + 1e-6), std + 1e-6 as in the official code
 
