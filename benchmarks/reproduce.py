@@ -41,6 +41,7 @@ STUDY_KEYS = (
     "eval_every",
     "eval_episodes",
     "eval_num_workers",
+    "eval_tasks_at_once",
     "train",
     "compare",
     "bootstrap_resamples",
@@ -101,7 +102,18 @@ def run_one(study: dict, dataset: Path, arm: str, seed: int, out: Path, threads:
         with (out / "train.log").open("w") as log:
             for command in (
                 [sys.executable, str(REPO / "training" / "train.py"), "--config", str(out / "train.yaml")],
-                [sys.executable, __file__, "--evaluate-run", str(out), "--eval-episodes", str(study["eval_episodes"])],
+                [
+                    sys.executable,
+                    __file__,
+                    "--evaluate-run",
+                    str(out),
+                    "--eval-episodes",
+                    str(study["eval_episodes"]),
+                    "--eval-workers",
+                    str(study.get("eval_num_workers") or 0),
+                    "--eval-tasks-at-once",
+                    str(study.get("eval_tasks_at_once", 2)),
+                ],
             ):
                 subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=_env(threads))
         (out / "wall_time.json").write_text(json.dumps({"train_and_eval_s": time.perf_counter() - start}))
@@ -112,10 +124,11 @@ def _finished(out: Path) -> bool:
     return (out / "wall_time.json").exists() and (out / "final" / "training_summary.json").exists()
 
 
-def evaluate_run(out: Path, episodes: int, tasks_at_once: int = 2) -> None:
-    """Evaluate the run's saved models (``checkpoint-*`` and ``final``) with the official protocol, a few tasks at
-    a time (all of a task's episodes run together; 500 simulators at once would need ~12 GB), and write
-    ``eval_history.json`` (``history``, ``last`` = the final model, ``best``)."""
+def evaluate_run(out: Path, episodes: int, num_workers: int = 0, tasks_at_once: int = 2) -> None:
+    """Evaluate the run's saved models (``checkpoint-*`` and ``final``) with the official protocol, on the GPU when
+    there is one, ``tasks_at_once`` tasks at a time (all of a task's episodes run together: 500 simulators at once
+    need ~12 GB), environments in ``num_workers`` processes (0: in this one); write ``eval_history.json``
+    (``history``, ``last`` = the final model, ``best``)."""
     import torch
 
     from harmodt_hf import HarmoDTModel
@@ -125,7 +138,7 @@ def evaluate_run(out: Path, episodes: int, tasks_at_once: int = 2) -> None:
     folders = sorted(out.glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[1])) + [out / "final"]
     history = []
     for folder in folders:
-        model = HarmoDTModel.from_pretrained(folder).eval()
+        model = HarmoDTModel.from_pretrained(folder).eval().to("cuda" if torch.cuda.is_available() else "cpu")
         step = json.loads((out / "final" / "training_summary.json").read_text())["max_steps"]
         step = int(folder.name.split("-")[1]) if folder.name.startswith("checkpoint-") else step
         if history and history[-1]["step"] == step:
@@ -137,7 +150,7 @@ def evaluate_run(out: Path, episodes: int, tasks_at_once: int = 2) -> None:
                 tasks=tasks[start : start + tasks_at_once],
                 episodes_per_task=episodes,
                 seed=0,
-                num_workers=0,
+                num_workers=num_workers,
                 stop_on_success=True,
             )
             per_task.update({task: entry["success_rate"] for task, entry in results["per_task"].items()})
@@ -367,6 +380,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     parser.add_argument("--evaluate-run", type=Path, help=argparse.SUPPRESS)  # internal: evaluate one run's models
     parser.add_argument("--eval-episodes", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--eval-workers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--eval-tasks-at-once", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", type=Path, default=None, help="existing dataset folder (default: generate)")
     parser.add_argument("--workers", type=int, default=2, help="processes for data generation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
@@ -374,7 +389,7 @@ def main() -> None:
     parser.add_argument("--summarise-only", action="store_true", help="only summarise the finished runs")
     args = parser.parse_args()
     if args.evaluate_run:
-        evaluate_run(args.evaluate_run, args.eval_episodes)
+        evaluate_run(args.evaluate_run, args.eval_episodes, args.eval_workers, args.eval_tasks_at_once)
         return
     if args.config is None or args.output is None:
         parser.error("--config and --output are required")
