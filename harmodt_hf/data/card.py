@@ -27,7 +27,7 @@ from harmodt_hf.data.folder import (
 from harmodt_hf.data.loading import QUALITIES, STATS_FILENAME
 from harmodt_hf.tasks import MT50, OBSERVATION_DIM, TASK_SETS
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "dataset_card.md.j2"
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "hub" / "templates" / "dataset_card.md.j2"
 HISTOGRAM_PATH = "images/returns_histogram.png"
 QUALITY_HALVES = {"near-optimal": HALVES, "sub-optimal": HALVES[:1]}
 
@@ -167,7 +167,9 @@ def render_card(stats: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
 
     template_path = Path(template_path)
     if not template_path.is_file():
-        raise FileNotFoundError(f"Dataset card template {template_path} is missing (it ships in model_cards/).")
+        raise FileNotFoundError(
+            f"Dataset card template {template_path} is missing (it ships in harmodt_hf/hub/templates)."
+        )
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(template_path.parent),
         undefined=jinja2.StrictUndefined,

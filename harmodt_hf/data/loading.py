@@ -63,8 +63,7 @@ def check_episode_schema(ds: Any) -> None:
             + "; ".join(problems)
             + ".\nExpected one episode per row with columns:\n"
             + describe_episode_format()
-            + "\nGenerate data with dataset_scripts/generate_metaworld.py or convert the official data with "
-            "dataset_scripts/convert_official.py."
+            + "\nGenerate data with harmodt-generate-data or convert the official data with harmodt-convert-official."
         )
 
 
@@ -96,7 +95,7 @@ def load_metaworld_dataset(path_or_repo_id: str | os.PathLike, config: str, spli
         if names is None:
             raise ValueError(
                 f"{local} has no README.md with a `configs:` section; it is not a dataset folder written by "
-                "dataset_scripts/generate_metaworld.py or convert_official.py."
+                "harmodt-generate-data or harmodt-convert-official."
             )
         if config not in names:
             raise ValueError(f"Config {config!r} is not in {local}. Available configs: {', '.join(names)}.")

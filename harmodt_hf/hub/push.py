@@ -6,6 +6,11 @@ card's ``configs:``), every local file the card links to exists and will be uplo
 After the upload: the remote tree at the target revision holds every local file with the same size and hash, so a
 half-finished upload is never reported as success.
 
+A dataset folder larger than ``large_folder_bytes`` (default :data:`LARGE_FOLDER_BYTES`) goes up with
+``HfApi.upload_large_folder`` where huggingface_hub has it (1.x): several commits, resumable by running the same
+command again. huggingface_hub 2.x has no such call because its ``upload_folder`` itself commits a large folder in
+batches and resumes an interrupted upload (with ``hf_xet``, its default).
+
 The endpoint, token and caches are huggingface_hub's (``HF_ENDPOINT``, ``HF_TOKEN`` / ``hf auth login``, ...).
 """
 
@@ -22,12 +27,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.sha import git_hash
 
 __all__ = [
+    "LARGE_FOLDER_BYTES",
     "HubAuthError",
     "HubPushError",
     "card_links",
@@ -42,6 +48,7 @@ __all__ = [
 IGNORE_PATTERNS: list[str] = ["*.tmp", "__pycache__", "*/__pycache__/*", "__pycache__/*", "*.pyc"]
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_WEIGHTS_INDEX = "model.safetensors.index.json"
+LARGE_FOLDER_BYTES = 5 * 2**30  # datasets above this go up with upload_large_folder (where huggingface_hub has it)
 _TOKEN_HELP = (
     "set the HF_TOKEN environment variable, pass token=..., or log in with `huggingface-cli login` / `hf auth login`"
 )
@@ -291,6 +298,28 @@ def _verify_remote(api: HfApi, repo_id: str, repo_type: str, revision: str, fold
         )
 
 
+def _upload_large(
+    api: HfApi, folder: Path, repo_id: str, repo_type: str, revision: str | None, token: str
+) -> CommitInfo:
+    """``upload_large_folder`` (several commits, resumable); the head commit of the revision afterwards."""
+    api.upload_large_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type=repo_type,
+        revision=revision,
+        ignore_patterns=list(IGNORE_PATTERNS),
+        print_report=False,
+    )
+    sha = api.repo_info(repo_id, repo_type=repo_type, revision=revision or "main", token=token).sha
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    return CommitInfo(
+        commit_url=f"{api.endpoint}/{prefix}{repo_id}/commit/{sha}",
+        commit_message="upload_large_folder",
+        commit_description="",
+        oid=sha,
+    )
+
+
 def _push(
     folder: Path,
     uploads: list[str],
@@ -301,24 +330,30 @@ def _push(
     revision: str | None,
     commit_message: str,
     token: str | None,
+    large_folder_bytes: int | None = None,
 ) -> str:
     api = HfApi()
     token, user = _authenticate(api, token)
     if "/" not in repo_id:
         repo_id = f"{user}/{repo_id}"
+    size = sum((folder / path).stat().st_size for path in uploads)
+    large = large_folder_bytes is not None and size > large_folder_bytes and hasattr(api, "upload_large_folder")
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, token=token)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True, token=token)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type=repo_type,
-            revision=revision,
-            commit_message=commit_message,
-            token=token,
-            ignore_patterns=list(IGNORE_PATTERNS),
-        )
+        if large:
+            info = _upload_large(api, folder, repo_id, repo_type, revision, token)
+        else:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type=repo_type,
+                revision=revision,
+                commit_message=commit_message,
+                token=token,
+                ignore_patterns=list(IGNORE_PATTERNS),
+            )
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status in (401, 403):
@@ -388,13 +423,26 @@ def push_dataset(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    large_folder_bytes: int = LARGE_FOLDER_BYTES,
 ) -> str:
     """Upload a dataset folder (README.md with ``configs:``, parquet files) to a Hub dataset repo; returns the
-    commit URL (a ``CommitInfo``). Same checks and repo/branch handling as `push_model`."""
+    commit URL (a ``CommitInfo``). Same checks and repo/branch handling as `push_model`.
+
+    A folder over ``large_folder_bytes`` goes up with ``upload_large_folder`` where huggingface_hub has it (several
+    commits; an interrupted upload resumes when the same call runs again); ``commit_message`` is not used then.
+    """
     check_repo_id(repo_id)
     folder = Path(folder)
     uploads = validate_dataset_folder(folder)
     message = commit_message or "Upload dataset with harmodt_hf.push_dataset"
     return _push(
-        folder, uploads, repo_id, "dataset", private=private, revision=revision, commit_message=message, token=token
+        folder,
+        uploads,
+        repo_id,
+        "dataset",
+        private=private,
+        revision=revision,
+        commit_message=message,
+        token=token,
+        large_folder_bytes=large_folder_bytes,
     )
