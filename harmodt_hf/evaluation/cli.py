@@ -20,10 +20,12 @@ import torch
 from harmodt_hf.evaluation.rollouts import PRECISIONS, evaluate, plot_success
 from harmodt_hf.model import HarmoDTModel
 
+DESCRIPTION = "Evaluate a HarmoDT model on Meta-World with the official protocol (batched rollouts)."
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line arguments of ``harmodt-evaluate``."""
-    parser = argparse.ArgumentParser(prog="harmodt-evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="harmodt-evaluate", description=DESCRIPTION)
     parser.add_argument("--model", required=True, help="model folder or Hub repo id")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     parser.add_argument(

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from harmodt_hf.hub.push import HubPushError, push_dataset, push_model
 
+DESCRIPTION = "Upload a model folder or a dataset folder to the Hugging Face Hub, checked before and after."
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``harmodt-push model``."""
@@ -114,7 +116,7 @@ def push_dataset_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``harmodt-push {model,dataset} ...``."""
-    parser = argparse.ArgumentParser(prog="harmodt-push", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="harmodt-push", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{model,dataset}")
     model = add_model_arguments(commands.add_parser("model", help="upload a model folder to a model repo"))
     dataset = add_dataset_arguments(commands.add_parser("dataset", help="upload a dataset folder to a dataset repo"))
