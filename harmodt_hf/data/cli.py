@@ -2,7 +2,7 @@
 
     # MT50 at the official size (2000 episodes of 500 steps per task) with 16 processes
     harmodt-generate-data --tasks mt50 --episodes-per-task 2000 --num-workers 16 --output mt50
-    # the same split over 4 machines
+    # the same split over 4 machines (or under a launcher: --shard-from-env reads $RANK/$WORLD_SIZE)
     harmodt-generate-data --tasks mt50 --output mt50 --shard-index 0 --num-shards 4
     # the official HarmoDT / MTDiff data (<task>-v2/<i>.npz) in the same format
     harmodt-convert-official --source MT50/dataset --output mt50-official --tasks mt5
@@ -32,8 +32,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmark-seed", type=int, default=0, help="seed of MT1(task) whose 50 goals are used")
     p.add_argument("--num-workers", type=int, default=1, help="processes on this machine")
-    p.add_argument("--shard-index", type=int, default=None, help="this machine's index (default: $RANK or 0)")
-    p.add_argument("--num-shards", type=int, default=None, help="number of machines (default: $WORLD_SIZE or 1)")
+    p.add_argument("--shard-index", type=int, default=None, help="this machine's index (default 0)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of machines (default 1)")
+    p.add_argument(
+        "--shard-from-env",
+        action="store_true",
+        help="take --shard-index/--num-shards from $RANK/$WORLD_SIZE (as set by torchrun or accelerate launch)",
+    )
     p.add_argument("--chunk-size", type=int, default=10, help="episodes per job sent to a worker")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset made earlier with other settings")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -51,14 +56,37 @@ def build_convert_parser() -> argparse.ArgumentParser:
     return p
 
 
+def shard_arguments(args: argparse.Namespace) -> tuple[int, int]:
+    """This process's (shard index, number of shards): the flags, or $RANK/$WORLD_SIZE with --shard-from-env only.
+
+    Says on stderr where they came from when the environment is read, and that it is ignored when a launcher's
+    variables are set without the flag.
+    """
+    launched = {name: os.environ[name] for name in ("RANK", "WORLD_SIZE") if name in os.environ}
+    if not args.shard_from_env:
+        if launched and int(launched.get("WORLD_SIZE", 1)) > 1:
+            print(
+                f"note: {', '.join(f'{k}={v}' for k, v in launched.items())} ignored; pass --shard-from-env to split "
+                "the tasks over the launched processes",
+                file=sys.stderr,
+            )
+        return (args.shard_index or 0, args.num_shards or 1)
+    if args.shard_index is not None or args.num_shards is not None:
+        raise ValueError("--shard-from-env takes the shard from $RANK/$WORLD_SIZE: drop --shard-index/--num-shards")
+    if set(launched) != {"RANK", "WORLD_SIZE"}:
+        raise ValueError("--shard-from-env needs $RANK and $WORLD_SIZE (set by torchrun or accelerate launch)")
+    shard_index, num_shards = int(launched["RANK"]), int(launched["WORLD_SIZE"])
+    print(f"shard {shard_index + 1}/{num_shards} from RANK={shard_index}, WORLD_SIZE={num_shards}", file=sys.stderr)
+    return shard_index, num_shards
+
+
 def generate_main(argv: list[str] | None = None) -> int:
     """``harmodt-generate-data``: generate (or resume) a dataset folder; prints what was done as JSON."""
     args = build_generate_parser().parse_args(argv)
     from harmodt_hf.data.generation import generate_dataset
 
-    shard_index = args.shard_index if args.shard_index is not None else int(os.environ.get("RANK", 0))
-    num_shards = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
     try:
+        shard_index, num_shards = shard_arguments(args)
         result = generate_dataset(
             args.output,
             args.tasks,

@@ -259,7 +259,8 @@ def generate_dataset(
     schedule = schedule or NoiseSchedule()
     start = time.perf_counter()
     root = Path(output_dir)
-    prepare_output(root, generation_manifest(episodes_per_task, seed, schedule, benchmark_seed), overwrite)
+    manifest = generation_manifest(episodes_per_task, seed, schedule, benchmark_seed)
+    prepare_output(root, {**manifest, "tasks": task_list}, overwrite)  # tasks: for the resume command of a killed run
 
     mine = task_list[shard_index::num_shards]
     result = GenerationResult(output_dir=root, tasks=mine)

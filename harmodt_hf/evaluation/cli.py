@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,9 +67,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def _writable_file(path: Path, what: str) -> Path:
+    """``path`` can be written as a file: not a folder, its folder creatable and writable (created now)."""
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: pass a file path such as {path / 'results.json'}")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{what} {path}: cannot create its folder {parent} ({error.strerror or error})") from error
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {path} is not writable")
+    return path
+
+
+def check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """Check every output path before the evaluation runs; returns the results and plot paths."""
+    output = _writable_file(Path(args.output), "--output")
+    if output.suffix.lower() == ".png":
+        raise ValueError(f"--output {output} is the results JSON, not the plot: use --plot for the figure")
+    plot = None
+    if (args.plot or "").lower() != "none":
+        plot = _writable_file(Path(args.plot) if args.plot else output.with_suffix(".png"), "--plot")
+        if plot.resolve() == output.resolve():
+            raise ValueError(f"--plot {plot} would overwrite the results JSON --output {output}")
+    if args.video is not None and Path(args.video).exists() and not Path(args.video).is_dir():
+        raise ValueError(f"--video {args.video} is a file: pass a folder for the videos")
+    return output, plot
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Evaluate, write the results JSON and plot, print a summary; returns the results."""
+    """Check the outputs, evaluate, write the results JSON and plot, print a summary; returns the results."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    output, plot = check_outputs(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = HarmoDTModel.from_pretrained(args.model, revision=args.revision).to(device)
     results = evaluate(
@@ -86,11 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch_threads=args.torch_threads,
         precision=args.precision,
     )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
-    if (args.plot or "").lower() != "none":
-        plot_success(results, args.plot or output.with_suffix(".png"))
+    if plot is not None:
+        plot_success(results, plot)
     width = max(len(task) for task in results["per_task"])
     for task, entry in results["per_task"].items():
         print(f"{task:<{width}}  success {100 * entry['success_rate']:5.1f} %  return {entry['mean_return']:8.1f}")
@@ -99,5 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli_main() -> None:
-    """Console-script entry point (``harmodt-evaluate``)."""
-    main()
+    """Console-script entry point (``harmodt-evaluate``): bad arguments and unreadable models are one-line errors."""
+    try:
+        main()
+    except (ValueError, OSError) as error:
+        sys.exit(f"harmodt-evaluate: error: {error}")

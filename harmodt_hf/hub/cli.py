@@ -18,7 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-from harmodt_hf.hub.push import HubPushError, push_dataset, push_model
+from harmodt_hf.hub.push import (
+    HubPushError,
+    check_repo_id,
+    push_dataset,
+    push_model,
+    require_token,
+    validate_model_folder,
+)
 
 DESCRIPTION = "Upload a model folder or a dataset folder to the Hugging Face Hub, checked before and after."
 
@@ -51,9 +58,16 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def ensure_card(folder: Path, repo_id: str, results: str | None, dataset_repo: str | None) -> bool:
-    """Build the card of a folder that has none; returns whether one was built."""
+    """Build the card of a folder that has none; returns whether one was built.
+
+    Everything the upload will need is checked first (repo id, the folder's config and weights, the results, a
+    token), so a push that cannot happen writes nothing into the folder.
+    """
     if (folder / "README.md").is_file() or not folder.is_dir():
         return False
+    check_repo_id(repo_id)
+    validate_model_folder(folder, require_card=False)
+    require_token()
     results_path = Path(results) if results else folder / "results.json"
     if not results_path.is_file():
         raise FileNotFoundError(
