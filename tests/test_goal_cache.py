@@ -17,9 +17,9 @@ from harmodt_hf.envs import goal_cache
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(goal_cache.CACHE_ENV, str(tmp_path / "cache"))
-    tasks._benchmark.cache_clear()
+    tasks.forget_task_goals()
     yield tmp_path / "cache"
-    tasks._benchmark.cache_clear()
+    tasks.forget_task_goals()
 
 
 def _refuse_mt1(*args, **kwargs):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from harmodt_hf.data.schema import EPISODE_FEATURES
+from harmodt_hf.data.schema import EPISODE_FEATURES, describe_episode_format
 
 STEP_COLUMNS: tuple[str, ...] = ("observations", "actions", "rewards", "terminations", "truncations", "success")
 FINITE_COLUMNS: tuple[str, ...] = ("observations", "actions", "rewards")
@@ -62,9 +62,12 @@ def check_schema(schema: pa.Schema, where: str) -> None:
         if index < 0:
             problems.append(f"missing column {field.name!r}")
         elif not _same_type(schema.field(index).type, field.type):
-            problems.append(f"column {field.name!r} is {schema.field(index).type}, expected {field.type}")
+            problems.append(f"column {field.name!r} has type {schema.field(index).type}, expected {field.type}")
     if problems:
-        raise EpisodeDataError(f"{where}: {'; '.join(problems)}. It is not a shard of Meta-World episodes.")
+        raise EpisodeDataError(
+            f"{where}: {'; '.join(problems)}. It is not a shard of Meta-World episodes, which hold one episode per "
+            f"row with columns:\n{describe_episode_format()}"
+        )
 
 
 def _rows(rows: np.ndarray, first_row: int, batch: pa.RecordBatch) -> str:

@@ -26,9 +26,9 @@ from harmodt_hf.evaluation.policy import PRECISIONS, STD_EPSILON, HarmoDTPolicy,
 from harmodt_hf.evaluation.workers import (
     EnvFactory,
     EpisodeSpec,
-    _default_env_factory,
-    _LocalEnvs,
-    _WorkerEnvs,
+    LocalEnvs,
+    WorkerEnvs,
+    default_env_factory,
     episode_reset_seed,
     write_video,
 )
@@ -81,7 +81,7 @@ class _Wave:
 
 def _rollout(
     policy: HarmoDTPolicy,
-    envs: _LocalEnvs | _WorkerEnvs,
+    envs: LocalEnvs | WorkerEnvs,
     num_episodes: int,
     max_steps: int,
     stop_on_success: bool,
@@ -263,7 +263,7 @@ def evaluate(
     workers = (os.cpu_count() or 1) if num_workers is None else _check_int("num_workers", num_workers, 0)
     workers = min(workers, num_episodes)
     env_kwargs = dict(
-        env_factory=env_factory or _default_env_factory,
+        env_factory=env_factory or default_env_factory,
         video_dir=str(video_dir) if video_dir is not None else None,
         video_format=video_format,
     )
@@ -278,9 +278,9 @@ def evaluate(
         policy.reset([spec.task_id for spec in specs])  # fails early (e.g. no stored prompt) before any env starts
         start = time.perf_counter()
         if workers <= 1:
-            envs = _LocalEnvs(specs, seed, **env_kwargs)
+            envs = LocalEnvs(specs, seed, **env_kwargs)
         else:
-            envs = _WorkerEnvs(specs, seed, workers, worker_timeout, start_method, **env_kwargs)
+            envs = WorkerEnvs(specs, seed, workers, worker_timeout, start_method, **env_kwargs)
         pipelined = workers > 1 and (pipeline is None or bool(pipeline))
         out = _rollout(
             policy, envs, num_episodes, max_steps, stop_on_success, record_actions, progress, 2 if pipelined else 1

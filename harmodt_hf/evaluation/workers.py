@@ -1,7 +1,7 @@
 """Evaluation environments: episode specs and reset seeds, in-process and worker-process env sets, videos.
 
 :func:`harmodt_hf.evaluation.evaluate` describes every episode by an :class:`EpisodeSpec` and steps the environments
-either in this process (:class:`_LocalEnvs`) or in worker processes (:class:`_WorkerEnvs`, each serving an
+either in this process (:class:`LocalEnvs`) or in worker processes (:class:`WorkerEnvs`, each serving an
 :class:`_EnvSet` from :func:`_worker_main`). A failing or lost environment becomes a ``RuntimeError`` naming the
 episode's task and seeds.
 """
@@ -50,7 +50,7 @@ def episode_reset_seed(seed: int, task: str, episode: int) -> int:
     return int(sequence.generate_state(1)[0])
 
 
-def _default_env_factory(task: str, goal_index: int, seed: int):
+def default_env_factory(task: str, goal_index: int, seed: int):
     from harmodt_hf.envs import make_env  # MuJoCo is imported where environments are built
 
     return make_env(task, goal_index, seed)
@@ -167,7 +167,7 @@ def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: int = 30) -
 
 
 # ------------------------------------------------------------------------------------------------ env backends
-class _LocalEnvs:
+class LocalEnvs:
     """All environments in this process (``num_workers`` 0 or 1)."""
 
     def __init__(self, specs: Sequence[EpisodeSpec], seed: int, **env_kwargs) -> None:
@@ -240,7 +240,7 @@ def _worker_main(conn, specs: list[EpisodeSpec], seed: int, env_kwargs: dict) ->
         conn.close()
 
 
-class _WorkerEnvs:
+class WorkerEnvs:
     """Environments spread over worker processes (each owns a subset), stepped in parallel.
 
     Every reply is awaited with a timeout while the worker's liveness is checked, so a crashed or stuck worker
@@ -385,4 +385,12 @@ class _WorkerEnvs:
         self.conns, self.procs = [], []
 
 
-__all__ = ["EnvFactory", "EpisodeSpec", "episode_reset_seed", "write_video"]
+__all__ = [
+    "EnvFactory",
+    "EpisodeSpec",
+    "LocalEnvs",
+    "WorkerEnvs",
+    "default_env_factory",
+    "episode_reset_seed",
+    "write_video",
+]
