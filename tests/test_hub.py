@@ -138,6 +138,26 @@ def test_push_dataset_cli_private_branch(hub_server, tmp_path):
     assert api.list_repo_commits(repo_id, repo_type="dataset", revision="dev")[0].title == "from the CLI"
 
 
+def test_a_large_dataset_goes_up_with_upload_large_folder_where_huggingface_hub_has_it(hub_server, tmp_path):
+    """Over ``large_folder_bytes``: ``upload_large_folder`` (huggingface_hub 1.x); 2.x has only ``upload_folder``,
+    which itself splits large folders into several commits and resumes."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    folder, rows = _dataset_folder(tmp_path / "ds")
+    repo_id = _unique("large")
+    commit = push_dataset(folder, repo_id, large_folder_bytes=0, commit_message="one commit")
+    titles = [c.title for c in HfApi().list_repo_commits(repo_id, repo_type="dataset")]
+    assert commit.oid == HfApi().dataset_info(repo_id).sha
+    if hasattr(HfApi, "upload_large_folder"):
+        assert "one commit" not in titles and (folder / ".cache" / "huggingface").is_dir()  # its resume state
+    else:
+        assert titles[0] == "one commit"
+    assert not any(p.startswith(".cache") for p in hub_server.list_files(repo_id, "dataset"))
+    for config in ("a", "b"):
+        assert datasets.load_dataset(repo_id, config, split="train").to_list() == rows[config]
+
+
 # -------------------------------------------------------------------------------------------------------------- models
 def _tiny_gpt2():
     from transformers import GPT2Config, GPT2Model
