@@ -115,7 +115,13 @@ def record_video(model, results: dict, video_dir: Path, sizes: JobSizes, seed: i
     Rendering needs an OpenGL backend (``MUJOCO_GL=egl`` by default); without one the job goes on without a video.
     """
     from harmodt_hf.evaluation.rollouts import evaluate
+    from harmodt_hf.evaluation.workers import check_mp4_support
 
+    try:
+        check_mp4_support()
+    except RuntimeError as error:
+        print(f"    no video: {error}", flush=True)
+        return None
     tasks = results["tasks"]
     task = next((t for t in tasks if results["per_task"][t]["successes"][0]), tasks[0])
     try:

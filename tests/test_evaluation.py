@@ -409,6 +409,20 @@ def test_evaluate_cli_checks_its_outputs_before_the_work(model, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "model", "taken"]
 
 
+def test_mp4_without_the_video_extra_is_a_clear_error_before_any_environment(model, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if harmodt-hf[video] were not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'harmodt-hf\[video\]'"):
+        evaluate(model, tasks=["reach-v3"], episodes_per_task=1, max_steps=5, video_episodes=1, video_dir=tmp_path,
+                 num_workers=0, env_factory=_refuse_env)  # fmt: skip
+    assert not list(tmp_path.iterdir())
+
+
+def _refuse_env(*args):
+    raise AssertionError("an environment was built")
+
+
 # ------------------------------------------------------------------------------------------------ callback
 class _RandomSegments(Dataset):
     """Random model-ready training segments of the tiny config (with prompts)."""

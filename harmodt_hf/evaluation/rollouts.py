@@ -28,6 +28,7 @@ from harmodt_hf.evaluation.workers import (
     EpisodeSpec,
     LocalEnvs,
     WorkerEnvs,
+    check_mp4_support,
     default_env_factory,
     episode_reset_seed,
     write_video,
@@ -239,6 +240,8 @@ def evaluate(
         )
     if video_format not in ("mp4", "gif"):
         raise ValueError(f"video_format must be 'mp4' or 'gif', got {video_format!r}")
+    if video_format == "mp4" and video_episodes:
+        check_mp4_support()  # before any environment is built
     if torch_threads is not None:
         _check_int("torch_threads", torch_threads, 1)
     precision = check_precision(precision)

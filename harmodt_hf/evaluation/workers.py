@@ -162,8 +162,19 @@ def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: int = 30) -
     if path.suffix == ".gif":
         imageio.mimwrite(path, list(frames), duration=1000 / fps, loop=0)
     else:
+        check_mp4_support()
         imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", quality=7, macro_block_size=1)
     return path
+
+
+def check_mp4_support() -> None:
+    """Raise ``RuntimeError`` naming the extra to install when MP4 encoding (imageio-ffmpeg) is missing."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError(
+            "MP4 videos need imageio-ffmpeg: pip install 'harmodt-hf[video]' (or write GIFs: video_format='gif')"
+        ) from error
 
 
 # ------------------------------------------------------------------------------------------------ env backends
@@ -389,6 +400,7 @@ __all__ = [
     "EnvFactory",
     "EpisodeSpec",
     "LocalEnvs",
+    "check_mp4_support",
     "WorkerEnvs",
     "default_env_factory",
     "episode_reset_seed",
