@@ -30,8 +30,8 @@ OFFICIAL_EPISODES = 50 * 2000
 
 
 def _cold() -> None:
-    generation._ENVS.clear()
-    tasks._benchmark.cache_clear()
+    generation.forget_environments()
+    tasks.forget_task_goals()
 
 
 def _timed(fn, *args):
@@ -47,13 +47,13 @@ def build_envs(task_list: list[str]) -> None:
     """Build one env (and its MT1 goal list) per task from cold caches; leaves them cached."""
     _cold()
     for task in task_list:
-        generation._env_and_goals(task, 0)
+        generation.generation_env(task, 0)
 
 
 def bare_expert(task_list: list[str], n: int) -> None:
     """The bare experts play the same episodes (same envs, same goals); nothing is recorded."""
     for task in task_list:
-        env, task_goals = generation._env_and_goals(task, 0)
+        env, task_goals = generation.generation_env(task, 0)
         for e in range(n):
             env.set_task(task_goals[int(episode_rng(0, task, e).integers(len(task_goals)))])
             policy = expert_policy(task)

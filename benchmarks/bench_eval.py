@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from harmodt_hf import HarmoDTConfig, HarmoDTModel
-from harmodt_hf.envs.factory import _benchmark, make_env
+from harmodt_hf.envs.factory import forget_task_goals, make_env
 from harmodt_hf.evaluation.rollouts import PRECISIONS, HarmoDTPolicy, episode_reset_seed, evaluate
 from harmodt_hf.tasks import resolve_tasks
 
@@ -208,7 +208,7 @@ def main() -> None:
     batched, actions, successes, steps_run = {}, {}, {}, {}
     variants: dict[str, dict[str, float]] = {label: {} for label in extra_runs}  # label -> precision -> wall time
     for precision in precisions:
-        _benchmark.cache_clear()  # every timed run builds its environments (goal lists read from the disk cache)
+        forget_task_goals()  # every timed run builds its environments (goal lists read from the disk cache)
         results = evaluate(
             model, **kwargs, max_steps=args.max_steps, num_workers=args.num_workers, record_actions=True,
             precision=precision,
@@ -234,11 +234,11 @@ def main() -> None:
             flush=True,
         )
         for label, overrides in extra_runs.items() if precision == args.precision else ():
-            _benchmark.cache_clear()
+            forget_task_goals()
             run = evaluate(model, **kwargs, max_steps=args.max_steps, precision=precision, **overrides)
             variants[label][precision] = run["wall_time_s"]
             print(f"batched evaluate {precision}, {label}: {run['wall_time_s']:.2f} s", flush=True)
-    _benchmark.cache_clear()
+    forget_task_goals()
     seq_setup, seq_episodes_time, seq_actions, seq_successes = sequential(
         model, tasks, seq_episodes, args.seed, args.max_steps
     )

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO_ROOT / "training" / "configs" / "tiny.yaml"
+from harmodt_hf.configs import config_path
+
+TINY_CONFIG = config_path("tiny")
 TASKS = "mt5"
 DATASET_CONFIG = "mt5-near-optimal"
 
@@ -90,7 +91,7 @@ def generate(data_dir: Path, sizes: JobSizes, seed: int, num_workers: int) -> Pa
 
 
 def train(data_dir: Path, train_dir: Path, sizes: JobSizes, seed: int) -> Path:
-    """Train HarmoDT-F with ``training/configs/tiny.yaml``; returns the final model folder."""
+    """Train HarmoDT-F with the shipped ``harmodt_hf/configs/tiny.yaml``; returns the final model folder."""
     from harmodt_hf.training.cli import main as train_main
 
     argv = [
@@ -114,7 +115,13 @@ def record_video(model, results: dict, video_dir: Path, sizes: JobSizes, seed: i
     Rendering needs an OpenGL backend (``MUJOCO_GL=egl`` by default); without one the job goes on without a video.
     """
     from harmodt_hf.evaluation.rollouts import evaluate
+    from harmodt_hf.evaluation.workers import check_mp4_support
 
+    try:
+        check_mp4_support()
+    except RuntimeError as error:
+        print(f"    no video: {error}", flush=True)
+        return None
     tasks = results["tasks"]
     task = next((t for t in tasks if results["per_task"][t]["successes"][0]), tasks[0])
     try:

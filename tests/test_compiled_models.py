@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from harmodt_hf.envs import compiled_models
-from harmodt_hf.envs.factory import _benchmark, make_env
+from harmodt_hf.envs.factory import make_env, task_goals
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def compile_calls(monkeypatch):
 
 def _fresh_env(task: str, goal_index: int):
     """The environment as Meta-World builds it, its model compiled from the XML file."""
-    bench = _benchmark(task, 0)
+    bench = task_goals(task, 0)
     env = bench.env_class()
     env.set_task(bench.goals[goal_index])
     return env
@@ -46,7 +46,7 @@ def _episode(env, seed: int, steps: int) -> np.ndarray:
 
 @pytest.mark.parametrize("task", ["pick-place-v3", "door-open-v3"])
 def test_environments_from_a_reused_model_simulate_as_freshly_compiled_ones(task, compile_calls):
-    _benchmark(task, 0)  # the goal list (its first build compiles models of its own)
+    task_goals(task, 0)  # the goal list (its first build compiles models of its own)
     compile_calls.clear()
     reused = [make_env(task, goal, 0) for goal in (0, 1, 2)]
     assert len(compile_calls) == 1  # one compile for three environments
@@ -56,7 +56,7 @@ def test_environments_from_a_reused_model_simulate_as_freshly_compiled_ones(task
 
 
 def test_each_environment_owns_its_model(compile_calls):
-    _benchmark("reach-v3", 0)
+    task_goals("reach-v3", 0)
     compile_calls.clear()
     first, second = make_env("reach-v3", 0, 0), make_env("reach-v3", 1, 0)
     assert first.model is not second.model

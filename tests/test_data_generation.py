@@ -280,6 +280,7 @@ def test_missing_or_mistyped_column_is_named(generated, tmp_path, hf_offline):
     with pytest.raises(ValueError) as err:
         load_metaworld_dataset(broken, "reach-v3-sub-optimal", cache_dir=str(hf_offline))
     message = str(err.value)
+    assert message.startswith(str(broken / "data/reach-v3/first-half.parquet"))  # the bad file is named
     assert "missing column 'success'" in message and "column 'task_id' has type" in message
     assert "observations: List(List(Value('float32'), length=39))" in message  # the expected format
     with pytest.raises(ValueError, match="Available configs: all-near-optimal"):

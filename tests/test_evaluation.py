@@ -384,6 +384,45 @@ def test_evaluate_cli_writes_results_and_plot(model, tmp_path):
     assert default["tasks"] == list(model.config.task_names) and len(default["tasks"]) > 2
 
 
+def test_evaluate_cli_checks_its_outputs_before_the_work(model, tmp_path, monkeypatch):
+    """An --output that is a folder (or a --video that is a file) is refused before the model is even loaded."""
+    from harmodt_hf.evaluation import cli
+
+    model.save_pretrained(tmp_path / "model")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (tmp_path / "a-file").write_text("")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the evaluation ran although its output cannot be written")
+
+    monkeypatch.setattr(cli, "evaluate", refuse)
+    base = ["--model", str(tmp_path / "model"), "--episodes", "1", "--max-steps", "2", "--num-workers", "0"]
+    with pytest.raises(ValueError, match=r"--output .*taken is a folder: pass a file path"):
+        cli.main([*base, "--output", str(taken)])
+    with pytest.raises(ValueError, match=r"--plot .*taken is a folder"):
+        cli.main([*base, "--output", str(tmp_path / "r.json"), "--plot", str(taken)])
+    with pytest.raises(ValueError, match=r"--video .*a-file is a file"):
+        cli.main([*base, "--output", str(tmp_path / "r.json"), "--video", str(tmp_path / "a-file")])
+    with pytest.raises(ValueError, match=r"cannot create its folder"):
+        cli.main([*base, "--output", str(tmp_path / "a-file" / "r.json")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "model", "taken"]
+
+
+def test_mp4_without_the_video_extra_is_a_clear_error_before_any_environment(model, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if harmodt-hf[video] were not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'harmodt-hf\[video\]'"):
+        evaluate(model, tasks=["reach-v3"], episodes_per_task=1, max_steps=5, video_episodes=1, video_dir=tmp_path,
+                 num_workers=0, env_factory=_refuse_env)  # fmt: skip
+    assert not list(tmp_path.iterdir())
+
+
+def _refuse_env(*args):
+    raise AssertionError("an environment was built")
+
+
 # ------------------------------------------------------------------------------------------------ callback
 class _RandomSegments(Dataset):
     """Random model-ready training segments of the tiny config (with prompts)."""

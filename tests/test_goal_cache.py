@@ -1,7 +1,9 @@
-"""The on-disk goal-list cache: the goals of MT1, built once per machine, rebuilt when unreadable."""
+"""The on-disk goal-list cache: the goals of MT1, built once per machine, rebuilt when unreadable, never a pickle."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 
 import metaworld
@@ -15,9 +17,9 @@ from harmodt_hf.envs import goal_cache
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(goal_cache.CACHE_ENV, str(tmp_path / "cache"))
-    tasks._benchmark.cache_clear()
+    tasks.forget_task_goals()
     yield tmp_path / "cache"
-    tasks._benchmark.cache_clear()
+    tasks.forget_task_goals()
 
 
 def _refuse_mt1(*args, **kwargs):
@@ -50,15 +52,37 @@ def test_unreadable_cache_file_is_rebuilt(cache_dir):
     assert goals == list(metaworld.MT1("push-v3", seed=0).train_tasks)
     assert goal_cache.cached_goals("push-v3", 0) == goals  # the file was replaced by a readable one
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
-    path.write_bytes(pickle.dumps({"not": "goals"}))  # readable, but not a goal list of this task
+    content = json.loads(path.read_text())
+    path.write_text(json.dumps({**content, "task": "reach-v3"}))  # readable, but not a goal list of this task
     assert goal_cache.cached_goals("push-v3", 0) == goals
-    assert pickle.loads(path.read_bytes()) == goals
+    assert json.loads(path.read_text()) == content
 
 
-def test_unwritable_cache_warns_and_still_gives_the_goals(tmp_path, monkeypatch, caplog):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    monkeypatch.setenv(goal_cache.CACHE_ENV, str(blocker / "cache"))
-    goals = goal_cache.cached_goals("reach-v3", 0)
-    assert len(goals) == 50
-    assert goal_cache.CACHE_ENV in caplog.text and "Could not store the goal list" in caplog.text
+class _PlantedCode:
+    """Unpickling this creates the file ``marker``: what a planted cache file could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_cache_is_plain_json_and_a_planted_pickle_never_runs(cache_dir, tmp_path):
+    built = list(metaworld.MT1("reach-v3", seed=0).train_tasks)
+    path = goal_cache.goal_file("reach-v3", 0)
+    path.parent.mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    path.write_bytes(pickle.dumps([_PlantedCode(str(marker))]))
+    assert goal_cache.cached_goals("reach-v3", 0) == built  # rebuilt from MT1, the planted file replaced
+    assert not marker.exists()
+
+    content = json.loads(path.read_text(encoding="utf-8"))  # plain JSON: numbers and flags, no class, no pickle
+    assert content["task"] == "reach-v3" and len(content["goals"]) == 50
+    first = content["goals"][0]
+    assert first["env_cls"] is None and first["partially_observable"] is False
+    np.testing.assert_array_equal(first["rand_vec"]["array"], pickle.loads(built[0].data)["rand_vec"])
+    # A JSON file naming a class instead of the placeholder is foreign too: the class comes from Meta-World only.
+    path.write_text(json.dumps({**content, "goals": [{**g, "env_cls": "os.system"} for g in content["goals"]]}))
+    assert goal_cache.cached_goals("reach-v3", 0) == built
+    assert json.loads(path.read_text(encoding="utf-8")) == content

@@ -9,12 +9,16 @@ import uuid
 from pathlib import Path
 
 import hub_server as hub_server_module
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import tiny_config
 
+from harmodt_hf.data.folder import episodes_to_table
 from harmodt_hf.hub.push import HubAuthError, HubPushError, card_links, push_dataset, push_model
+from harmodt_hf.tasks import MT50
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cf")
@@ -37,17 +41,26 @@ def _load_script(relpath: str):
 
 
 # -------------------------------------------------------------------------------------------------------------- data
-def _rows(task: str, task_id: int, n: int) -> list[dict]:
-    return [
-        {
-            "observations": [[float(task_id + i + j / 10) for j in range(3)] for _ in range(2)],
-            "rewards": [float(i), float(i) / 2],
-            "success": [False, i % 2 == 0],
-            "task_name": task,
-            "task_id": task_id,
-        }
+def _episodes(task: str, n: int) -> pa.Table:
+    """``n`` short episodes of ``task`` in the episode format (what the generator writes)."""
+    rng = np.random.default_rng(MT50.index(task))
+    episodes = [
+        dict(
+            observations=rng.normal(size=(2 + i, 39)).astype(np.float32),
+            actions=rng.uniform(-1, 1, size=(2 + i, 4)).astype(np.float32),
+            rewards=np.arange(2 + i, dtype=np.float32),
+            terminations=np.zeros(2 + i, bool),
+            truncations=np.eye(2 + i, dtype=bool)[-1],
+            success=np.arange(2 + i) % 2 == 1,
+            task_name=task,
+            task_id=MT50.index(task),
+            episode_index=i,
+            noise_level=0.0,
+            goal_index=i,
+        )
         for i in range(n)
     ]
+    return episodes_to_table(episodes)
 
 
 DATASET_CARD = """---
@@ -69,10 +82,12 @@ configs:
 
 
 def _dataset_folder(root: Path, card: str = DATASET_CARD) -> tuple[Path, dict[str, list[dict]]]:
-    rows = {"a": _rows("reach-v3", 0, 5), "b": _rows("push-v3", 1, 3)}
-    for name, table in rows.items():
+    rows = {}
+    for name, task, n in (("a", "reach-v3", 5), ("b", "push-v3", 3)):
         (root / "data" / name).mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(table), root / "data" / name / "train-00000.parquet")
+        table = _episodes(task, n)
+        pq.write_table(table, root / "data" / name / "train-00000.parquet")
+        rows[name] = table.to_pylist()
     (root / "images").mkdir()
     (root / "images" / "returns.png").write_bytes(PNG)
     (root / "stats.json").write_text('{"reach-v3": {}, "push-v3": {}}')
@@ -121,6 +136,26 @@ def test_push_dataset_cli_private_branch(hub_server, tmp_path):
     assert "data/b/train-00000.parquet" in hub_server.list_files(repo_id, "dataset", revision="dev")
     assert "data/b/train-00000.parquet" not in hub_server.list_files(repo_id, "dataset", revision="main")
     assert api.list_repo_commits(repo_id, repo_type="dataset", revision="dev")[0].title == "from the CLI"
+
+
+def test_a_large_dataset_goes_up_with_upload_large_folder_where_huggingface_hub_has_it(hub_server, tmp_path):
+    """Over ``large_folder_bytes``: ``upload_large_folder`` (huggingface_hub 1.x); 2.x has only ``upload_folder``,
+    which itself splits large folders into several commits and resumes."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    folder, rows = _dataset_folder(tmp_path / "ds")
+    repo_id = _unique("large")
+    commit = push_dataset(folder, repo_id, large_folder_bytes=0, commit_message="one commit")
+    titles = [c.title for c in HfApi().list_repo_commits(repo_id, repo_type="dataset")]
+    assert commit.oid == HfApi().dataset_info(repo_id).sha
+    if hasattr(HfApi, "upload_large_folder"):
+        assert "one commit" not in titles and (folder / ".cache" / "huggingface").is_dir()  # its resume state
+    else:
+        assert titles[0] == "one commit"
+    assert not any(p.startswith(".cache") for p in hub_server.list_files(repo_id, "dataset"))
+    for config in ("a", "b"):
+        assert datasets.load_dataset(repo_id, config, split="train").to_list() == rows[config]
 
 
 # -------------------------------------------------------------------------------------------------------------- models
@@ -335,3 +370,54 @@ def test_model_object_card_comes_from_its_folder_or_is_required(hub_server, tmp_
     push_model(GPT2Model.from_pretrained(folder), repo_id)
     assert hub_server.read_file(repo_id, "README.md").decode() == MODEL_CARD
     assert hub_server.read_file(repo_id, "figures/loss.png") == PNG
+
+
+# ---------------------------------------------------------------------------------------------------- nothing silent
+def test_push_model_uploads_no_pickle_and_says_so(hub_server, model_folder, caplog):
+    """A Trainer output folder holds pickles (training_args.bin as Trainer saves it, optimizer.pt): they stay local."""
+    from transformers import TrainingArguments
+
+    torch.save(TrainingArguments(output_dir=str(model_folder), report_to=[]), model_folder / "training_args.bin")
+    torch.save({"state": {}}, model_folder / "optimizer.pt")
+    repo_id = _unique("no-pickle")
+    push_model(model_folder, repo_id)
+    remote = set(hub_server.list_files(repo_id))
+    assert {"config.json", "model.safetensors", "README.md"} <= remote
+    assert not remote & {"training_args.bin", "optimizer.pt"}
+    assert "Not uploading optimizer.pt, training_args.bin" in caplog.text and "pickle" in caplog.text
+
+
+def test_push_model_cli_with_a_bad_repo_id_writes_nothing(hub_server, tmp_path, capsys):
+    """A folder without README.md would get a card built first: a bad repo id is found before anything is written."""
+    from harmodt_hf import HarmoDTModel
+    from harmodt_hf.hub.cli import push_model_main
+
+    folder = tmp_path / "final"
+    HarmoDTModel(tiny_config()).save_pretrained(folder)
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(SystemExit):
+        push_model_main([str(folder), "test-user/bad name!", "--results", str(results)])
+    assert "Invalid repo id" in capsys.readouterr().err
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_an_unreachable_endpoint_is_a_one_line_error(hub_server, model_folder, monkeypatch, capsys):
+    import socket
+
+    import huggingface_hub.constants as hc
+    from huggingface_hub import hf_api
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(hc, "ENDPOINT", url)
+    monkeypatch.setattr(hf_api.api, "endpoint", url)
+    with pytest.raises(HubPushError, match=f"Cannot reach the Hub at {url}"):
+        push_model(model_folder, _unique("unreachable"))
+    cli = _load_script("training/push_model.py")
+    with pytest.raises(SystemExit) as exited:
+        cli.main([str(model_folder), _unique("unreachable")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.count("\n") == 1 and f"Cannot reach the Hub at {url}" in err

@@ -1,4 +1,5 @@
-"""The README's main job (harmodt_hf.main_job) in reduced form from a fresh clone, its push to the Hub, and the
+"""The package as a user installs it (a wheel of the committed HEAD in a fresh virtual environment: shipped files, every
+console script's --help), the README's main job in reduced form from that install, its push to the Hub, and the
 README's Python example."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import uuid
 from pathlib import Path
 
@@ -26,59 +28,118 @@ def _eval_rows(card: ModelCard) -> list[tuple]:
     return [(r.dataset_config, r.metric_type, r.metric_value) for r in card.data.eval_results]
 
 
-# Runs the driver as `python -m harmodt_hf.main_job` would, but first drops this checkout's editable-install finder:
-# it sits on sys.meta_path after PYTHONPATH and would quietly serve any module missing from the clone out of this
-# working tree (uncommitted files included). At exit it prints where every harmodt_hf module came from.
-DRIVER = """
-import importlib.util, json, runpy, sys
-sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)]
-sys.argv = ["harmodt_hf.main_job", *sys.argv[1:]]
-files = {importlib.util.find_spec("harmodt_hf.main_job").origin}
-try:
-    runpy.run_module("harmodt_hf.main_job", run_name="__main__", alter_sys=True)
-finally:
-    mods = [m for n, m in list(sys.modules.items()) if n.startswith("harmodt_hf")]
-    files |= {m.__file__ for m in mods if getattr(m, "__file__", None)}
-    print("HARMODT_MODULES=" + json.dumps(sorted(files)))
+CONSOLE_SCRIPTS = (
+    "harmodt-train",
+    "harmodt-evaluate",
+    "harmodt-generate-data",
+    "harmodt-convert-official",
+    "harmodt-push",
+    "harmodt-main-job",
+)
+# Prints where every harmodt_hf module of the installed package comes from (after importing every module).
+WHERE_FROM = """
+import importlib, json, pkgutil, harmodt_hf
+names = [m.name for m in pkgutil.walk_packages(harmodt_hf.__path__, "harmodt_hf.")]
+files = [importlib.import_module(name).__file__ for name in names]
+print(json.dumps([harmodt_hf.__file__, *files]))
 """
 
 
+def _isolated_env(home: Path) -> dict[str, str]:
+    """The environment of a user of the installed wheel: no PYTHONPATH (no checkout), offline Hub, own HF_HOME."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(home)}
+    env["MUJOCO_GL"] = os.environ.get("MUJOCO_GL", "egl")
+    for key in ("PYTHONPATH", "HF_ENDPOINT", "HF_DATASETS_CACHE", "HF_HUB_CACHE", "VIRTUAL_ENV"):
+        env.pop(key, None)  # the loopback Hub fixture sets the HF ones, if active
+    return env
+
+
 @pytest.fixture(scope="module")
-def smoke_job(tmp_path_factory) -> dict:
-    """`python -m harmodt_hf.main_job --smoke` run in a fresh clone of the committed HEAD, with this venv's python."""
-    base = tmp_path_factory.mktemp("main-job")
-    clone = base / "clone"
+def installed_wheel(tmp_path_factory) -> dict:
+    """A wheel built from a fresh clone of the committed HEAD, installed alone into a new virtual environment.
+
+    The new environment's dependencies come from this interpreter's site-packages through a ``.pth`` line (a folder
+    added that way is not a site folder, so the editable install of the checkout that may live there is not loaded).
+    """
+    base = tmp_path_factory.mktemp("wheel")
+    clone, dist, venv = base / "clone", base / "dist", base / "venv"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(clone),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": str(base / "hf-home"),
-        "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(clone)]
+    subprocess.run(build, check=True, timeout=300, env=_isolated_env(base / "hf"))
+    (wheel,) = dist.glob("harmodt_hf-*.whl")
+    venv_python = _make_venv(venv)
+    install = [*pip, "--python", str(venv_python), "install", "--no-deps", "--no-index", str(wheel)]
+    subprocess.run(install, check=True, timeout=300, env=_isolated_env(base / "hf"))
+    empty = base / "empty"
+    empty.mkdir()
+    return {"venv": venv, "python": venv_python, "bin": venv_python.parent, "cwd": empty, "home": base / "hf"}
+
+
+def _make_venv(venv: Path) -> Path:
+    """A new virtual environment (without pip) that sees this interpreter's installed packages after its own."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(purelib, "harmodt_test_dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
+    return python
+
+
+def test_installed_wheel_ships_its_files_and_every_console_script_helps(installed_wheel):
+    env, cwd = _isolated_env(installed_wheel["home"]), installed_wheel["cwd"]
+    where = subprocess.run(
+        [str(installed_wheel["python"]), "-c", WHERE_FROM], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert where.returncode == 0, where.stderr[-3000:]
+    files = [Path(f) for f in json.loads(where.stdout)]
+    assert all(f.is_relative_to(installed_wheel["venv"]) for f in files), files  # nothing from the checkout
+    package = files[0].parent
+    assert (package / "hub" / "templates" / "model_card.md.j2").is_file()
+    assert (package / "hub" / "templates" / "dataset_card.md.j2").is_file()
+    assert (package / "configs" / "tiny.yaml").is_file()
+    assert len(list((package / "configs" / "paper").glob("*.yaml"))) >= 40
+    helps = {
+        name: subprocess.Popen(
+            [str(installed_wheel["bin"] / name), "--help"],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name in CONSOLE_SCRIPTS
     }
-    for key in ("HF_ENDPOINT", "HF_DATASETS_CACHE", "HF_HUB_CACHE"):  # set by the loopback Hub fixture, if active
-        env.pop(key, None)
-    output = base / "out"
+    for name, process in helps.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{name} --help failed:\n{err[-3000:]}"
+        assert out.startswith("usage:") and "--help" in out, (name, out[:500])
+    assert not list(cwd.iterdir())  # --help wrote nothing
+
+
+@pytest.fixture(scope="module")
+def smoke_job(installed_wheel) -> dict:
+    """``harmodt-main-job --smoke`` of the installed wheel, run from an empty folder."""
+    output = installed_wheel["cwd"].parent / "out"
     result = subprocess.run(
-        [sys.executable, "-c", DRIVER, "--smoke", "--output", str(output)],
-        cwd=clone,
-        env=env,
+        [str(installed_wheel["bin"] / "harmodt-main-job"), "--smoke", "--output", str(output)],
+        cwd=installed_wheel["cwd"],
+        env=_isolated_env(installed_wheel["home"]),
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    modules = json.loads(result.stdout.rsplit("HARMODT_MODULES=", 1)[1])
-    return {"clone": clone, "modules": [Path(m) for m in modules], "output": output, "stdout": result.stdout}
+    return {"output": output, "stdout": result.stdout}
 
 
 @pytest.mark.slow
-def test_smoke_job_from_a_fresh_clone_writes_a_loadable_model_folder(smoke_job):
-    clone, output = smoke_job["clone"], smoke_job["output"]
-    modules = smoke_job["modules"]
-    assert any(m.name == "main_job.py" for m in modules) and any(m.name == "evaluation.py" for m in modules)
-    assert all(m.is_relative_to(clone) for m in modules), modules  # the clone's committed code ran, nothing else
+def test_smoke_job_of_the_installed_wheel_writes_a_loadable_model_folder(smoke_job):
+    output = smoke_job["output"]
     folder = output / "model"
     assert f"Model folder (weights, README.md card, images/, results.json): {folder}" in smoke_job["stdout"]
     assert "Mean success rate on MT5" in smoke_job["stdout"]

@@ -233,3 +233,43 @@ def test_policy_bad_inputs(model):
     unprompted.stored_prompt_attention_mask.zero_()
     with pytest.raises(ValueError, match="no stored prompt"):
         HarmoDTPolicy(unprompted).reset(["reach-v3"])
+
+
+@pytest.mark.parametrize(
+    ("bad_call", "message"),
+    [
+        ("nan_observation", r"non-finite observation for slot 1 \(push-v3\): no slot was changed"),
+        ("nan_reward", r"non-finite reward for slot 0 \(reach-v3\)"),
+        ("huge_reward", r"non-finite action for slot 1 \(push-v3\)"),
+        ("overflowing_reward", r"return-to-go of slot 0 \(reach-v3\) leaves the range of torch.float32"),
+    ],
+)
+def test_a_rejected_call_changes_no_slot(tmp_path, bad_call, message, one_torch_thread):
+    """A call rejected for one slot (bad input, or a non-finite action) leaves every slot as it was: the episodes go
+    on exactly as those of a policy that never saw the call (a saved and reloaded model)."""
+    tiny_prompted_model().save_pretrained(tmp_path / "model")
+    model = HarmoDTModel.from_pretrained(tmp_path / "model").eval()
+    rng = np.random.default_rng(0)
+    observations = [rng.normal(size=(2, 39)) for _ in range(5)]
+    rewards = [None] + [rng.uniform(0, 10, size=2) for _ in range(4)]
+    policy, reference = HarmoDTPolicy(model), HarmoDTPolicy(model)
+    policy.reset(TWO_TASKS)
+    reference.reset(TWO_TASKS)
+    for obs, rew in zip(observations[:2], rewards[:2], strict=True):
+        np.testing.assert_array_equal(policy.act(obs, rew), reference.act(obs, rew))
+    bad_obs, bad_rew = observations[2].copy(), rewards[2].copy()
+    if bad_call == "nan_observation":
+        bad_obs[1, 7] = np.nan
+    elif bad_call == "nan_reward":
+        bad_rew[0] = np.nan
+    elif bad_call == "huge_reward":
+        bad_rew[1] = 1e30
+    else:
+        bad_rew[0] = -1e45  # the return-to-go no longer fits in float32
+    with pytest.raises(ValueError, match=message):
+        policy.act(bad_obs, bad_rew)
+    assert policy.steps == [2, 2]
+    for obs, rew in zip(observations[2:], rewards[2:], strict=True):
+        actions = policy.act(obs, rew)
+        assert np.isfinite(actions).all()
+        np.testing.assert_array_equal(actions, reference.act(obs, rew))

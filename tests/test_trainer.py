@@ -187,7 +187,7 @@ def test_accelerate_launch_tiny_config_end_to_end(generated_dataset, tmp_path):
     out = tmp_path / "tiny"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "training" / "accelerate" / "cpu.yaml"), str(REPO / "training" / "train.py"),
-           "--config", str(REPO / "training" / "configs" / "tiny.yaml"), "--dataset", str(generated_dataset),
+           "--config", str(REPO / "harmodt_hf" / "configs" / "tiny.yaml"), "--dataset", str(generated_dataset),
            "--dataset_config", "all-near-optimal", "--output_dir", str(out), "--max_steps", "6",
            "--per_device_train_batch_size", "6", "--mask_update_interval", "3", "--save_steps", "3"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -250,7 +250,7 @@ def test_yaml_extends_and_command_line_wins(tmp_path):
 
 
 def test_paper_configs_parse():
-    folder = REPO / "training" / "configs" / "paper"
+    folder = REPO / "harmodt_hf" / "configs" / "paper"
     files = sorted(folder.glob("*.yaml"))
     assert len(files) == 40
     model_args, data_args, args = parse_train_args(["--config", str(folder / "harmodt-m_mt50-sub-optimal.yaml"),

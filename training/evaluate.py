@@ -1,94 +1,9 @@
-"""Evaluate a HarmoDT model on Meta-World with the official protocol (batched rollouts).
+"""Evaluate a HarmoDT model on Meta-World: the ``harmodt-evaluate`` command (see ``--help``).
 
-    python training/evaluate.py --model runs/mt10/final --tasks mt10 --episodes 10 --seed 0 --output results.json
-    python training/evaluate.py --model user/harmodt-mt50 --revision main --video videos --video-episodes 1
-    python training/evaluate.py --model runs/mt10/final --tasks mt10 --precision bf16   # faster; not bit-faithful
-
-Writes the results JSON (per-task success, returns, episode lengths, seeds, target returns, model revision) and a
-per-task success bar chart next to it (``<output stem>.png``).
+python training/evaluate.py --model runs/mt10/final --tasks mt10 --episodes 10 --seed 0 --output results.json
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import sys
-from pathlib import Path
-
-import torch
-
-import harmodt_hf  # noqa: F401  (registers AutoConfig/AutoModel for model_type "harmodt")
-from harmodt_hf import HarmoDTModel
-from harmodt_hf.evaluation.rollouts import PRECISIONS, evaluate, plot_success
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model folder or Hub repo id")
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    parser.add_argument(
-        "--tasks", default=None, help="mt5/mt10/mt30/mt50 or comma-separated task names (default: the model's tasks)"
-    )
-    parser.add_argument("--episodes", type=int, default=10, help="episodes per task (one goal each, at most 50)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=500, help="episode length (500 in the official protocol)")
-    parser.add_argument(
-        "--no-stop-on-success",
-        action="store_true",
-        help="run every episode to max-steps (returns/lengths over the whole episode; same success rate)",
-    )
-    parser.add_argument("--num-workers", type=int, default=None, help="env worker processes (default: CPU cores)")
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=None,
-        help="torch CPU threads for the policy (1: bit-identical actions whatever the batch; fastest on busy cores)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=tuple(PRECISIONS),
-        default="fp32",
-        help="policy forward precision: fp32 (default, the official evaluation) or bf16 autocast (about 2x "
-        "faster per step on AMX CPUs; actions differ slightly; recorded in the results)",
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default="results.json", help="results JSON path")
-    parser.add_argument("--plot", default=None, help="success bar chart (default: <output stem>.png; 'none' to skip)")
-    parser.add_argument("--video", default=None, metavar="DIR", help="write episode videos to DIR")
-    parser.add_argument("--video-episodes", type=int, default=1, help="episodes per task to film (with --video)")
-    parser.add_argument("--video-format", choices=("mp4", "gif"), default="mp4")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    model = HarmoDTModel.from_pretrained(args.model, revision=args.revision).to(args.device)
-    results = evaluate(
-        model,
-        tasks=args.tasks if args.tasks is not None else list(model.config.task_names),
-        episodes_per_task=args.episodes,
-        seed=args.seed,
-        stop_on_success=not args.no_stop_on_success,
-        num_workers=args.num_workers,
-        max_steps=args.max_steps,
-        video_episodes=args.video_episodes if args.video else 0,
-        video_dir=args.video,
-        video_format=args.video_format,
-        progress=True,
-        torch_threads=args.torch_threads,
-        precision=args.precision,
-    )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
-    if (args.plot or "").lower() != "none":
-        plot_success(results, args.plot or output.with_suffix(".png"))
-    width = max(len(task) for task in results["per_task"])
-    for task, entry in results["per_task"].items():
-        print(f"{task:<{width}}  success {100 * entry['success_rate']:5.1f} %  return {entry['mean_return']:8.1f}")
-    print(f"mean success rate: {100 * results['mean_success_rate']:.1f} % ({results['precision']}) -> {output}")
-    return results
-
+from harmodt_hf.evaluation.cli import cli_main, main  # noqa: F401  (main(argv) returns the results)
 
 if __name__ == "__main__":
-    main()
+    cli_main()

@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import yaml
 
 from harmodt_hf.data.folder import (
@@ -24,25 +24,40 @@ from harmodt_hf.data.folder import (
     shard_relpath,
     write_bytes_atomic,
 )
-from harmodt_hf.data.loading import QUALITIES, STATS_FILENAME
+from harmodt_hf.data.schema import QUALITIES, STATS_FILENAME
+from harmodt_hf.data.validation import (
+    CHECKED_COLUMNS,
+    EpisodeDataError,
+    check_episode_batches,
+    check_schema,
+    open_shard,
+)
 from harmodt_hf.tasks import MT50, OBSERVATION_DIM, TASK_SETS
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "dataset_card.md.j2"
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "hub" / "templates" / "dataset_card.md.j2"
 HISTOGRAM_PATH = "images/returns_histogram.png"
 QUALITY_HALVES = {"near-optimal": HALVES, "sub-optimal": HALVES[:1]}
 
 
 def _read_half(path: Path) -> dict:
-    """Per-shard sufficient statistics: step count, state mean and M2 (float64), per-episode returns/success/noise."""
-    table = pq.read_table(path, columns=["observations", "rewards", "success", "noise_level"])
+    """Per-shard sufficient statistics: step count, state mean and M2 (float64), per-episode returns/success/noise.
+
+    The shard is checked as it is read (schema, episode lengths, finite values): :class:`EpisodeDataError` names it.
+    """
+    shard = open_shard(path)
+    check_schema(shard.schema_arrow, str(path))
+    try:
+        table = shard.read(columns=[*CHECKED_COLUMNS, "noise_level"])
+    except (pa.ArrowInvalid, OSError) as error:
+        raise EpisodeDataError(f"{path} cannot be read to its end ({error}); it may be truncated.") from error
+    if not check_episode_batches(table.to_batches(), str(path), schema_checked=True):
+        raise EpisodeDataError(f"{path} holds no episode.")
     obs = table.column("observations").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
     obs = obs.reshape(-1, OBSERVATION_DIM)
     mean = obs.mean(axis=0, dtype=np.float64)
     m2 = np.square(obs - mean, dtype=np.float64).sum(axis=0)
     rewards, success = (table.column(c).combine_chunks() for c in ("rewards", "success"))
     starts = rewards.offsets.to_numpy()[:-1]  # absolute offsets into .values; every episode has >= 1 step
-    if not np.array_equal(starts, success.offsets.to_numpy()[:-1]):
-        raise ValueError(f"{path}: rewards and success have different lengths in some episode.")
     return {
         "steps": len(obs),
         "mean": mean,
@@ -167,7 +182,9 @@ def render_card(stats: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
 
     template_path = Path(template_path)
     if not template_path.is_file():
-        raise FileNotFoundError(f"Dataset card template {template_path} is missing (it ships in model_cards/).")
+        raise FileNotFoundError(
+            f"Dataset card template {template_path} is missing (it ships in harmodt_hf/hub/templates)."
+        )
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(template_path.parent),
         undefined=jinja2.StrictUndefined,
@@ -192,6 +209,30 @@ def render_card(stats: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
     )
 
 
+def _non_finite(value, path: str) -> list[str]:
+    """Paths (``tasks.reach-v3.near-optimal.state_std``) of the non-finite numbers inside ``value``."""
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _non_finite(item, f"{path}.{key}" if path else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [path] if any(_non_finite(item, path) for item in value) else []
+    if isinstance(value, float) and not np.isfinite(value):
+        return [path]
+    return []
+
+
+def check_finite_stats(stats: dict) -> None:
+    """Raise :class:`EpisodeDataError` naming every non-finite statistic, so none is ever written to ``stats.json``.
+
+    ``generation`` (the settings, where a NaN noise level means "unknown") is not checked.
+    """
+    bad = _non_finite(stats.get("tasks", {}), "tasks")
+    if bad:
+        raise EpisodeDataError(
+            f"The dataset statistics hold non-finite values ({', '.join(bad[:5])}); stats.json was not written. "
+            "Check the shards of these tasks."
+        )
+
+
 def finalize_dataset(root: str | Path, license: str | None = None) -> dict | None:
     """Write ``stats.json``, ``images/returns_histogram.png`` and ``README.md`` for the complete tasks of ``root``.
 
@@ -202,6 +243,7 @@ def finalize_dataset(root: str | Path, license: str | None = None) -> dict | Non
     if not tasks:
         return None
     stats, returns = compute_stats(root, tasks)
+    check_finite_stats(stats)
     configs = dataset_configs(tasks)
     write_bytes_atomic(json.dumps(stats, indent=1).encode(), root / STATS_FILENAME)
     write_bytes_atomic(plot_return_histogram(returns), root / HISTOGRAM_PATH)

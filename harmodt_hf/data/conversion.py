@@ -148,6 +148,7 @@ def convert_official_dataset(
         "source_path": str(Path(source_dir).resolve()),
         "sub_optimal_rule": "first half: episodes [0, N // 2) of each task, in file index order",
         "success_in_source": with_success,
+        "tasks": list(files),  # for the resume command of an interrupted conversion
     }
     root = Path(output_dir)
     prepare_output(root, manifest, overwrite)

@@ -22,11 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harmodt_hf.data.loading import EPISODE_FEATURES
-from harmodt_hf.tasks import MT50
+from harmodt_hf.data.schema import EPISODE_FEATURES
+from harmodt_hf.data.validation import open_shard
+from harmodt_hf.tasks import MT50, TASK_SETS
 
 HALVES: tuple[str, ...] = ("first-half", "second-half")
 MANIFEST_FILENAME = "generation_config.json"
+RUN_KEYS: tuple[str, ...] = ("tasks",)  # manifest entries of the latest run, not settings a resume must match
 OWNED_NAMES: tuple[str, ...] = ("data", "images", "README.md", "stats.json", MANIFEST_FILENAME)
 ROW_GROUP_SIZE = 100  # episodes per parquet row group (~9 MB), friendly to streaming
 _TMP_SUFFIX = ".tmp"
@@ -134,7 +136,7 @@ def shard_is_complete(path: Path, expected_rows: int) -> bool:
     """True if the shard exists; raise if it exists with the wrong number of episodes."""
     if not path.is_file():
         return False
-    rows = pq.read_metadata(path).num_rows
+    rows = open_shard(path).metadata.num_rows
     if rows != expected_rows:
         raise ValueError(
             f"{path} holds {rows} episodes, expected {expected_rows}. It was not written by this configuration; "
@@ -155,8 +157,9 @@ def _foreign_entries(root: Path) -> list[str]:
 def prepare_output(root: str | os.PathLike, manifest: dict, overwrite: bool = False) -> None:
     """Make ``root`` ready to receive shards made with ``manifest``.
 
-    A new or empty folder gets the manifest. A folder made earlier with the same manifest is resumed (complete shards
-    are kept). A folder made with other settings is an error. ``overwrite`` first deletes the generated files (never
+    A new or empty folder gets the manifest. A folder made earlier with the same settings is resumed (complete shards
+    are kept; ``tasks``, the latest run's task list, may differ and is updated). A folder made with other settings
+    is an error. ``overwrite`` first deletes the generated files (never
     anything else). A folder holding files this tool did not write is always an error. Hidden entries (``.git``)
     are ignored.
     """
@@ -180,20 +183,23 @@ def prepare_output(root: str | os.PathLike, manifest: dict, overwrite: bool = Fa
         )
     if manifest_path.is_file():
         existing = json.loads(manifest_path.read_text(encoding="utf-8"))
+        changed = sorted(
+            k for k in set(existing) | set(manifest) if k not in RUN_KEYS and existing.get(k) != manifest.get(k)
+        )
         if existing == manifest and not overwrite:
             return
-        if not overwrite:
-            changed = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
+        if changed and not overwrite:
             raise FileExistsError(
                 f"Output folder {root} holds a dataset made with other settings (differs in: {', '.join(changed)}). "
                 "Pass --overwrite to replace it, or choose another folder."
             )
-        for name in OWNED_NAMES:
-            target = root / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        if overwrite:
+            for name in OWNED_NAMES:
+                target = root / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
     write_bytes_atomic(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_path)
 
 
@@ -203,3 +209,49 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {root} is not a dataset folder written by harmodt_hf.")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _tasks_argument(tasks: list[str]) -> str:
+    """A task list as the CLIs take it: a set name when it is one, else comma-separated names."""
+    return next((name for name, members in TASK_SETS.items() if list(members) == list(tasks)), ",".join(tasks))
+
+
+def resume_command(root: str | os.PathLike) -> str:
+    """The command that resumes (or refreshes) the dataset folder ``root``, from its ``generation_config.json``."""
+    manifest = read_manifest(root)
+    tasks = manifest.get("tasks")
+    if manifest.get("source") == "official-conversion":
+        command = f"harmodt-convert-official --source {manifest['source_path']} --output {root}"
+        return command + (f" --tasks {_tasks_argument(tasks)}" if tasks else "")
+    command = (
+        f"harmodt-generate-data --tasks {_tasks_argument(tasks) if tasks else '<the tasks of the first run>'} "
+        f"--episodes-per-task {manifest.get('episodes_per_task')} --seed {manifest.get('seed')} "
+        f"--benchmark-seed {manifest.get('benchmark_seed')} --output {root}"
+    )
+    return command + " (with the --shard-index/--num-shards of the first run, if it had them)"
+
+
+def describe_partial(root: str | os.PathLike) -> str | None:
+    """Why ``root`` is a partly written dataset folder and how to resume it; ``None`` if it is finished.
+
+    A folder is finished when every task of its latest run has both shards and the README, ``stats.json`` were
+    written after them. Folders without ``generation_config.json`` are not dataset folders of this package: ``None``.
+    """
+    root = Path(root)
+    if not (root / MANIFEST_FILENAME).is_file():
+        return None
+    tasks = read_manifest(root).get("tasks")
+    complete = complete_tasks(root)
+    missing = [t for t in tasks if t not in complete] if tasks else []
+    unfinished = [name for name in ("README.md", "stats.json") if not (root / name).is_file()]
+    if not missing and not unfinished and complete:
+        return None
+    parts = []
+    if tasks:
+        parts.append(f"{len(complete)} of {len(tasks)} tasks complete")
+    if unfinished:
+        parts.append(f"no {' or '.join(unfinished)} yet")
+    return (
+        f"{root} is a partly written dataset folder ({', '.join(parts)}): its generation was stopped before it "
+        f"finished. Resume it with: {resume_command(root)}"
+    )

@@ -134,7 +134,13 @@ def rollout(env, policy, rng: np.random.Generator, noise_level: float, gaussian_
 _ENVS: dict[tuple[str, int], tuple[object, list]] = {}  # per process: one env (and goal list) per task
 
 
-def _env_and_goals(task: str, benchmark_seed: int):
+def forget_environments() -> None:
+    """Drop the environments this process keeps for generation (one per task)."""
+    _ENVS.clear()
+
+
+def generation_env(task: str, benchmark_seed: int) -> tuple[object, list]:
+    """This process's environment for ``task`` and the goal list of ``MT1(task, benchmark_seed)`` (built once)."""
     key = (task, benchmark_seed)
     if key not in _ENVS:
         _ENVS[key] = (make_env(task, 0, benchmark_seed), goals(task, benchmark_seed))
@@ -151,7 +157,7 @@ def generate_episode(
 ) -> dict:
     """Episode ``episode_index`` of ``num_episodes`` for ``task``: one dataset row (see ``data.EPISODE_FEATURES``)."""
     schedule = schedule or NoiseSchedule()
-    env, task_goals = _env_and_goals(task, benchmark_seed)
+    env, task_goals = generation_env(task, benchmark_seed)
     rng = episode_rng(seed, task, episode_index)
     goal_index = int(rng.integers(len(task_goals)))
     env.set_task(task_goals[goal_index])
@@ -259,7 +265,8 @@ def generate_dataset(
     schedule = schedule or NoiseSchedule()
     start = time.perf_counter()
     root = Path(output_dir)
-    prepare_output(root, generation_manifest(episodes_per_task, seed, schedule, benchmark_seed), overwrite)
+    manifest = generation_manifest(episodes_per_task, seed, schedule, benchmark_seed)
+    prepare_output(root, {**manifest, "tasks": task_list}, overwrite)  # tasks: for the resume command of a killed run
 
     mine = task_list[shard_index::num_shards]
     result = GenerationResult(output_dir=root, tasks=mine)

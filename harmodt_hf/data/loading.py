@@ -12,64 +12,35 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from datasets import Dataset, Features, List, Value, load_dataset
+from datasets import Dataset, load_dataset
 
-from harmodt_hf.tasks import ACTION_DIM, OBSERVATION_DIM, check_task_name
-
-EPISODE_FEATURES = Features(
-    {
-        "observations": List(List(Value("float32"), length=OBSERVATION_DIM)),
-        "actions": List(List(Value("float32"), length=ACTION_DIM)),
-        "rewards": List(Value("float32")),
-        "terminations": List(Value("bool")),
-        "truncations": List(Value("bool")),
-        "success": List(Value("bool")),
-        "task_name": Value("string"),
-        "task_id": Value("int64"),
-        "episode_index": Value("int64"),
-        "noise_level": Value("float32"),
-        "goal_index": Value("int64"),
-    }
+from harmodt_hf.data.folder import describe_partial
+from harmodt_hf.data.schema import (
+    EPISODE_FEATURES,
+    QUALITIES,
+    STATS_FILENAME,
+    check_episode_schema,
+    describe_episode_format,
 )
-QUALITIES: tuple[str, ...] = ("near-optimal", "sub-optimal")
-STATS_FILENAME = "stats.json"
+from harmodt_hf.data.validation import check_episode_batches, check_shard
+from harmodt_hf.tasks import check_task_name
+
+__all__ = [
+    "EPISODE_FEATURES",
+    "QUALITIES",
+    "STATS_FILENAME",
+    "check_episode_schema",
+    "describe_episode_format",
+    "load_metaworld_dataset",
+    "load_stats",
+    "state_stats",
+]
 
 
-def describe_episode_format() -> str:
-    """The expected columns and their ``datasets`` types, one per line (used in error messages)."""
-    return "\n".join(f"  {name}: {feature!r}" for name, feature in EPISODE_FEATURES.items())
-
-
-def check_episode_schema(ds: Any) -> None:
-    """Raise ``ValueError`` naming every missing or mistyped column of ``ds`` (a ``Dataset`` or its ``Features``).
-
-    Extra columns are allowed.
-    """
-    features = ds if isinstance(ds, Features) else getattr(ds, "features", None)
-    if features is None:
-        raise ValueError(f"Cannot check the episode schema of {type(ds).__name__}: it has no `features`.")
-    problems = []
-    for name, expected in EPISODE_FEATURES.items():
-        if name not in features:
-            problems.append(f"missing column {name!r}")
-        elif features[name] != expected:
-            problems.append(f"column {name!r} has type {features[name]!r}, expected {expected!r}")
-    if problems:
-        raise ValueError(
-            "Not a Meta-World episode dataset: "
-            + "; ".join(problems)
-            + ".\nExpected one episode per row with columns:\n"
-            + describe_episode_format()
-            + "\nGenerate data with dataset_scripts/generate_metaworld.py or convert the official data with "
-            "dataset_scripts/convert_official.py."
-        )
-
-
-def _local_configs(folder: Path) -> list[str] | None:
-    """Config names declared in a local dataset folder's README YAML, or ``None`` if it declares none."""
+def _local_configs(folder: Path) -> dict[str, list[str]] | None:
+    """Config name -> its data file patterns, as declared in a local folder's README YAML; ``None`` if none."""
     readme = folder / "README.md"
     if not readme.is_file():
         return None
@@ -81,28 +52,58 @@ def _local_configs(folder: Path) -> list[str] | None:
     header = text.split("---", 2)[1]
     meta = yaml.safe_load(header) or {}
     configs = meta.get("configs")
-    return [c["config_name"] for c in configs] if configs else None
+    if not configs:
+        return None
+    out = {}
+    for entry in configs:
+        data_files = entry.get("data_files") or []
+        data_files = data_files if isinstance(data_files, list) else [data_files]
+        patterns = []
+        for item in data_files:
+            paths = item.get("path", []) if isinstance(item, dict) else item
+            patterns += [paths] if isinstance(paths, str) else list(paths)
+        out[entry["config_name"]] = patterns
+    return out
+
+
+def _check_local_shards(folder: Path, patterns: list[str]) -> None:
+    """Check every parquet file the config reads (schema, episode lengths, finite values), naming a bad one."""
+    for pattern in patterns:
+        files = sorted(folder.glob(pattern))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no file matches {pattern!r}, which its README.md configs list.")
+        for path in files:
+            check_shard(path)
 
 
 def load_metaworld_dataset(path_or_repo_id: str | os.PathLike, config: str, split: str = "train", **kwargs) -> Dataset:
     """Load one config (e.g. ``"mt10-near-optimal"``) of a Meta-World episode dataset with ``datasets.load_dataset``.
 
-    ``path_or_repo_id`` is a local dataset folder or a Hub dataset repo id; ``kwargs`` go to ``load_dataset``.
-    The result is checked with :func:`check_episode_schema`.
+    ``path_or_repo_id`` is a local dataset folder or a Hub dataset repo id; ``kwargs`` go to ``load_dataset``. The
+    data is checked (:mod:`harmodt_hf.data.validation`: every column with its type, episodes of at least one step,
+    finite observations, actions and rewards): a local folder's files before loading, naming the bad file; a Hub
+    dataset after loading. A partly written folder (a stopped generator) is an error that gives the command resuming
+    it.
     """
     local = Path(path_or_repo_id)
     if local.is_dir():
-        names = _local_configs(local)
-        if names is None:
+        partial = describe_partial(local)
+        if partial is not None:
+            raise ValueError(partial)
+        configs = _local_configs(local)
+        if configs is None:
             raise ValueError(
                 f"{local} has no README.md with a `configs:` section; it is not a dataset folder written by "
-                "dataset_scripts/generate_metaworld.py or convert_official.py."
+                "harmodt-generate-data or harmodt-convert-official."
             )
-        if config not in names:
-            raise ValueError(f"Config {config!r} is not in {local}. Available configs: {', '.join(names)}.")
+        if config not in configs:
+            raise ValueError(f"Config {config!r} is not in {local}. Available configs: {', '.join(configs)}.")
+        _check_local_shards(local, configs[config])
         path_or_repo_id = str(local)
     ds = load_dataset(str(path_or_repo_id), config, split=split, **kwargs)
     check_episode_schema(ds)
+    if not local.is_dir():
+        check_episode_batches(ds.data.table.to_batches(), f"{path_or_repo_id} (config {config!r})")
     return ds
 
 

@@ -9,10 +9,10 @@ from harmodt_hf.envs.compiled_models import reuse_compiled_models
 from harmodt_hf.envs.goal_cache import cached_goals
 from harmodt_hf.tasks import EPISODE_LENGTH, check_task_name
 
-__all__ = ["EPISODE_LENGTH", "goals", "make_env"]
+__all__ = ["EPISODE_LENGTH", "TaskGoals", "forget_task_goals", "goals", "make_env", "task_goals"]
 
 
-class _TaskGoals(NamedTuple):
+class TaskGoals(NamedTuple):
     """What ``make_env`` needs of ``MT1(task, seed)``: the task's env class and its goal list."""
 
     env_class: type
@@ -20,16 +20,27 @@ class _TaskGoals(NamedTuple):
 
 
 @lru_cache(maxsize=64)
-def _benchmark(task_name: str, seed: int) -> _TaskGoals:
+def _memoised_task_goals(task_name: str, seed: int) -> TaskGoals:
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-    return _TaskGoals(ALL_V3_ENVIRONMENTS[task_name], cached_goals(task_name, seed))
+    return TaskGoals(ALL_V3_ENVIRONMENTS[task_name], cached_goals(task_name, seed))
+
+
+def task_goals(task_name: str, seed: int = 0) -> TaskGoals:
+    """The env class and goal list of ``MT1(task_name, seed)``, kept for the process (and on disk, see
+    :mod:`harmodt_hf.envs.goal_cache`)."""
+    return _memoised_task_goals(check_task_name(task_name), seed)
+
+
+def forget_task_goals() -> None:
+    """Drop this process's goal lists (the next use reads the disk cache or builds ``MT1`` again)."""
+    _memoised_task_goals.cache_clear()
 
 
 def goals(task_name: str, seed: int = 0) -> list:
     """The task's goal list (``MT1(task).train_tasks``, 50 goals), as the official evaluation uses; kept on disk
     after the first build (:mod:`harmodt_hf.envs.goal_cache`)."""
-    return list(_benchmark(check_task_name(task_name), seed).goals)
+    return list(task_goals(task_name, seed).goals)
 
 
 def make_env(task_name: str, goal_index: int = 0, seed: int = 0):
@@ -38,7 +49,7 @@ def make_env(task_name: str, goal_index: int = 0, seed: int = 0):
     Episodes last ``EPISODE_LENGTH`` steps; ``info['success']`` reports success. The MuJoCo model is compiled once
     per task and process and copied for each environment (:mod:`harmodt_hf.envs.compiled_models`).
     """
-    bench = _benchmark(check_task_name(task_name), seed)
+    bench = task_goals(task_name, seed)
     if not 0 <= goal_index < len(bench.goals):
         raise ValueError(f"goal_index must be in [0, {len(bench.goals)}), got {goal_index}")
     with reuse_compiled_models():

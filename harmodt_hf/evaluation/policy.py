@@ -202,6 +202,44 @@ class HarmoDTPolicy:
             self._picked_prompts[key] = self._prompt.select(ix)
         return self._picked_prompts[key]
 
+    def _slot_names(self, index: np.ndarray, bad: np.ndarray) -> str:
+        """``slot 3 (reach-v3), slot 5 (push-v3)`` for the slots of ``index`` where ``bad`` holds."""
+        names = self.config.task_names
+        return ", ".join(f"slot {int(i)} ({names[int(self._task_ids[int(i)])]})" for i in index[bad])
+
+    def _check_inputs(self, obs: np.ndarray, rewards, index: np.ndarray) -> np.ndarray:
+        """Validate one call for every slot before anything changes; returns the slots' new returns-to-go."""
+        config = self.config
+        bad = ~np.isfinite(obs).all(axis=1)
+        if bad.any():
+            raise ValueError(f"non-finite observation for {self._slot_names(index, bad)}: no slot was changed")
+        too_long = self._steps[index] >= config.max_ep_len
+        if too_long.any():
+            raise ValueError(
+                f"episode in {self._slot_names(index, too_long)} reached max_ep_len={config.max_ep_len} steps: the "
+                "model has no timestep embedding beyond that"
+            )
+        rtg = self._rtg[index].copy()
+        started = self._steps[index] > 0
+        if started.any():
+            if rewards is None:
+                raise ValueError("rewards are required once an episode has taken a step (got rewards=None)")
+            rew = np.asarray(rewards, dtype=np.float64).reshape(-1)
+            if rew.size != index.size:
+                raise ValueError(f"got {rew.size} rewards for {index.size} active episodes")
+            bad = started & ~np.isfinite(rew)
+            if bad.any():
+                raise ValueError(f"non-finite reward for {self._slot_names(index, bad)}: no slot was changed")
+            rtg[started] -= rew[started] / config.return_scale
+        bad = ~torch.isfinite(torch.as_tensor(rtg).to(self.dtype)).numpy()
+        if bad.any():
+            raise ValueError(
+                f"the return-to-go of {self._slot_names(index, bad)} leaves the range of {self.dtype} "
+                f"({rtg[bad].tolist()} after dividing by return_scale={config.return_scale}): a reward is out of "
+                "range; no slot was changed"
+            )
+        return rtg
+
     @torch.inference_mode()
     def act(
         self,
@@ -210,6 +248,10 @@ class HarmoDTPolicy:
         active: Sequence[int] | np.ndarray | None = None,
     ) -> np.ndarray:
         """Actions ``(n, act_dim)`` for the running episodes in ``active`` (default: every slot).
+
+        The whole call is checked first (shapes, finite observations and rewards, a return-to-go the model's dtype
+        can hold), and the slots change only once the model has given a finite action for every one of them: a
+        ``ValueError`` naming the slots leaves every slot as it was, so later calls go on as if it had not happened.
 
         Args:
             observations: ``(n, state_dim)`` raw observations, one per active slot, in the order of ``active``.
@@ -230,32 +272,27 @@ class HarmoDTPolicy:
             raise ValueError(f"got {obs.shape[0]} observations for {index.size} active episodes")
         if not index.size:
             return np.zeros((0, config.act_dim), dtype=np.float32)
-        started = self._steps[index] > 0
-        if started.any():
-            if rewards is None:
-                raise ValueError("rewards are required once an episode has taken a step (got rewards=None)")
-            rew = np.asarray(rewards, dtype=np.float64).reshape(-1)
-            if rew.size != index.size:
-                raise ValueError(f"got {rew.size} rewards for {index.size} active episodes")
-            self._rtg[index[started]] -= rew[started] / config.return_scale
-        too_long = self._steps[index] >= config.max_ep_len
-        if too_long.any():
-            raise ValueError(
-                f"episode in slot {int(index[too_long][0])} reached max_ep_len={config.max_ep_len} steps: the "
-                "model has no timestep embedding beyond that"
-            )
+        rtg = self._check_inputs(obs, rewards, index)
 
+        # The slots' next context windows, built apart and stored only once the action is known to be finite.
         ix = torch.as_tensor(index, device=self.device)
-        buffers = (self._states, self._actions, self._returns, self._timesteps, self._mask)
-        for buffer in buffers:
-            buffer[ix] = buffer[ix].roll(-1, dims=1)
+        states, actions, returns, timesteps, mask = (
+            buffer[ix].roll(-1, dims=1)
+            for buffer in (self._states, self._actions, self._returns, self._timesteps, self._mask)
+        )
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        normalised = (obs_t - self._mean[ix]) / (self._std[ix] + STD_EPSILON)
-        self._states[ix, -1] = normalised.to(self.dtype)
-        self._actions[ix, -1] = 0
-        self._returns[ix, -1, 0] = torch.as_tensor(self._rtg[index], dtype=self.dtype, device=self.device)
-        self._timesteps[ix, -1] = torch.as_tensor(self._steps[index], device=self.device)
-        self._mask[ix, -1] = 1
+        normalised = ((obs_t - self._mean[ix]) / (self._std[ix] + STD_EPSILON)).to(self.dtype)
+        bad = ~torch.isfinite(normalised).all(dim=1).cpu().numpy()
+        if bad.any():
+            raise ValueError(
+                f"the normalised observation of {self._slot_names(index, bad)} leaves the range of {self.dtype}: "
+                "no slot was changed"
+            )
+        states[:, -1] = normalised
+        actions[:, -1] = 0
+        returns[:, -1, 0] = torch.as_tensor(rtg, dtype=self.dtype, device=self.device)
+        timesteps[:, -1] = torch.as_tensor(self._steps[index], device=self.device)
+        mask[:, -1] = 1
 
         prompt = {}
         if isinstance(self._prompt, PromptKeyValues):
@@ -264,18 +301,31 @@ class HarmoDTPolicy:
             prompt["prompt"] = {key: value[ix] for key, value in self._prompt.items()}
         with self._autocast(), self._weights_cached():
             output = self.model(
-                states=self._states[ix],
-                actions=self._actions[ix],
-                returns_to_go=self._returns[ix],
-                timesteps=self._timesteps[ix],
-                attention_mask=self._mask[ix],
+                states=states,
+                actions=actions,
+                returns_to_go=returns,
+                timesteps=timesteps,
+                attention_mask=mask,
                 task_ids=self._task_ids[ix],
                 last_action_only=self.last_action_only,
                 return_dict=True,
                 **prompt,
             )
         action = output.action_preds[:, -1]
-        self._actions[ix, -1] = action.to(self.dtype)
+        bad = ~torch.isfinite(action).all(dim=1).cpu().numpy()
+        if bad.any():
+            raise ValueError(
+                f"the model gave a non-finite action for {self._slot_names(index, bad)} at steps "
+                f"{self._steps[index][bad].tolist()} (returns-to-go {rtg[bad].tolist()}): no slot was changed"
+            )
+        actions[:, -1] = action.to(self.dtype)
+        for buffer, new in zip(
+            (self._states, self._actions, self._returns, self._timesteps, self._mask),
+            (states, actions, returns, timesteps, mask),
+            strict=True,
+        ):
+            buffer[ix] = new
+        self._rtg[index] = rtg
         self._steps[index] += 1
         return action.float().cpu().numpy()
 

@@ -26,9 +26,10 @@ from harmodt_hf.evaluation.policy import PRECISIONS, STD_EPSILON, HarmoDTPolicy,
 from harmodt_hf.evaluation.workers import (
     EnvFactory,
     EpisodeSpec,
-    _default_env_factory,
-    _LocalEnvs,
-    _WorkerEnvs,
+    LocalEnvs,
+    WorkerEnvs,
+    check_mp4_support,
+    default_env_factory,
     episode_reset_seed,
     write_video,
 )
@@ -81,7 +82,7 @@ class _Wave:
 
 def _rollout(
     policy: HarmoDTPolicy,
-    envs: _LocalEnvs | _WorkerEnvs,
+    envs: LocalEnvs | WorkerEnvs,
     num_episodes: int,
     max_steps: int,
     stop_on_success: bool,
@@ -239,6 +240,8 @@ def evaluate(
         )
     if video_format not in ("mp4", "gif"):
         raise ValueError(f"video_format must be 'mp4' or 'gif', got {video_format!r}")
+    if video_format == "mp4" and video_episodes:
+        check_mp4_support()  # before any environment is built
     if torch_threads is not None:
         _check_int("torch_threads", torch_threads, 1)
     precision = check_precision(precision)
@@ -263,7 +266,7 @@ def evaluate(
     workers = (os.cpu_count() or 1) if num_workers is None else _check_int("num_workers", num_workers, 0)
     workers = min(workers, num_episodes)
     env_kwargs = dict(
-        env_factory=env_factory or _default_env_factory,
+        env_factory=env_factory or default_env_factory,
         video_dir=str(video_dir) if video_dir is not None else None,
         video_format=video_format,
     )
@@ -278,9 +281,9 @@ def evaluate(
         policy.reset([spec.task_id for spec in specs])  # fails early (e.g. no stored prompt) before any env starts
         start = time.perf_counter()
         if workers <= 1:
-            envs = _LocalEnvs(specs, seed, **env_kwargs)
+            envs = LocalEnvs(specs, seed, **env_kwargs)
         else:
-            envs = _WorkerEnvs(specs, seed, workers, worker_timeout, start_method, **env_kwargs)
+            envs = WorkerEnvs(specs, seed, workers, worker_timeout, start_method, **env_kwargs)
         pipelined = workers > 1 and (pipeline is None or bool(pipeline))
         out = _rollout(
             policy, envs, num_episodes, max_steps, stop_on_success, record_actions, progress, 2 if pipelined else 1

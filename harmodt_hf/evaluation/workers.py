@@ -1,7 +1,7 @@
 """Evaluation environments: episode specs and reset seeds, in-process and worker-process env sets, videos.
 
 :func:`harmodt_hf.evaluation.evaluate` describes every episode by an :class:`EpisodeSpec` and steps the environments
-either in this process (:class:`_LocalEnvs`) or in worker processes (:class:`_WorkerEnvs`, each serving an
+either in this process (:class:`LocalEnvs`) or in worker processes (:class:`WorkerEnvs`, each serving an
 :class:`_EnvSet` from :func:`_worker_main`). A failing or lost environment becomes a ``RuntimeError`` naming the
 episode's task and seeds.
 """
@@ -50,7 +50,7 @@ def episode_reset_seed(seed: int, task: str, episode: int) -> int:
     return int(sequence.generate_state(1)[0])
 
 
-def _default_env_factory(task: str, goal_index: int, seed: int):
+def default_env_factory(task: str, goal_index: int, seed: int):
     from harmodt_hf.envs import make_env  # MuJoCo is imported where environments are built
 
     return make_env(task, goal_index, seed)
@@ -162,12 +162,23 @@ def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: int = 30) -
     if path.suffix == ".gif":
         imageio.mimwrite(path, list(frames), duration=1000 / fps, loop=0)
     else:
+        check_mp4_support()
         imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", quality=7, macro_block_size=1)
     return path
 
 
+def check_mp4_support() -> None:
+    """Raise ``RuntimeError`` naming the extra to install when MP4 encoding (imageio-ffmpeg) is missing."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError(
+            "MP4 videos need imageio-ffmpeg: pip install 'harmodt-hf[video]' (or write GIFs: video_format='gif')"
+        ) from error
+
+
 # ------------------------------------------------------------------------------------------------ env backends
-class _LocalEnvs:
+class LocalEnvs:
     """All environments in this process (``num_workers`` 0 or 1)."""
 
     def __init__(self, specs: Sequence[EpisodeSpec], seed: int, **env_kwargs) -> None:
@@ -240,7 +251,7 @@ def _worker_main(conn, specs: list[EpisodeSpec], seed: int, env_kwargs: dict) ->
         conn.close()
 
 
-class _WorkerEnvs:
+class WorkerEnvs:
     """Environments spread over worker processes (each owns a subset), stepped in parallel.
 
     Every reply is awaited with a timeout while the worker's liveness is checked, so a crashed or stuck worker
@@ -385,4 +396,13 @@ class _WorkerEnvs:
         self.conns, self.procs = [], []
 
 
-__all__ = ["EnvFactory", "EpisodeSpec", "episode_reset_seed", "write_video"]
+__all__ = [
+    "EnvFactory",
+    "EpisodeSpec",
+    "LocalEnvs",
+    "check_mp4_support",
+    "WorkerEnvs",
+    "default_env_factory",
+    "episode_reset_seed",
+    "write_video",
+]

@@ -21,7 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from harmodt_hf.model.masks import mask_density, pairwise_iou
 from harmodt_hf.tasks import TASK_SETS
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "model_card.md.j2"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md.j2"
 LIBRARY_NAME = "harmodt-hf"
 TAGS = ["reinforcement-learning", "meta-world", "harmodt", "decision-transformer", "multi-task", "offline-rl"]
 FIGURE_KEYS = ("success", "mask_overlap", "mask_embedding", "video")

@@ -6,42 +6,60 @@ card's ``configs:``), every local file the card links to exists and will be uplo
 After the upload: the remote tree at the target revision holds every local file with the same size and hash, so a
 half-finished upload is never reported as success.
 
+A dataset folder larger than ``large_folder_bytes`` (default :data:`LARGE_FOLDER_BYTES`) goes up with
+``HfApi.upload_large_folder`` where huggingface_hub has it (1.x): several commits, resumable by running the same
+command again. huggingface_hub 2.x has no such call because its ``upload_folder`` itself commits a large folder in
+batches and resumes an interrupted upload (with ``hf_xet``, its default).
+
 The endpoint, token and caches are huggingface_hub's (``HF_ENDPOINT``, ``HF_TOKEN`` / ``hf auth login``, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import CommitInfo, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.sha import git_hash
 
+from harmodt_hf.data.folder import describe_partial
+from harmodt_hf.data.validation import check_shard
+
 __all__ = [
+    "LARGE_FOLDER_BYTES",
+    "PICKLE_PATTERNS",
     "HubAuthError",
     "HubPushError",
     "card_links",
     "check_repo_id",
     "push_dataset",
     "push_model",
+    "require_token",
     "validate_dataset_folder",
     "validate_model_folder",
 ]
 
-# Never uploaded (besides huggingface_hub's own .git / .cache/huggingface): half-written files and Python caches.
-IGNORE_PATTERNS: list[str] = ["*.tmp", "__pycache__", "*/__pycache__/*", "__pycache__/*", "*.pyc"]
+# Never uploaded (besides huggingface_hub's own .git / .cache/huggingface): half-written files, Python caches, and
+# pickles (a Trainer's training_args.bin, optimizer.pt, rng_state.pth, ...: loading a pickle can run code).
+PICKLE_PATTERNS: list[str] = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib"]
+IGNORE_PATTERNS: list[str] = ["*.tmp", "__pycache__", "*/__pycache__/*", "__pycache__/*", "*.pyc", *PICKLE_PATTERNS]
+logger = logging.getLogger(__name__)
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_WEIGHTS_INDEX = "model.safetensors.index.json"
+LARGE_FOLDER_BYTES = 5 * 2**30  # datasets above this go up with upload_large_folder (where huggingface_hub has it)
 _TOKEN_HELP = (
     "set the HF_TOKEN environment variable, pass token=..., or log in with `huggingface-cli login` / `hf auth login`"
 )
@@ -116,9 +134,14 @@ def card_links(text: str) -> list[str]:
 
 
 def _upload_list(folder: Path) -> list[str]:
-    """Files ``upload_folder`` will send, as POSIX paths relative to ``folder`` (same ignore rules)."""
+    """Files ``upload_folder`` will send, as POSIX paths relative to ``folder`` (same ignore rules); says which
+    pickle files stay behind."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, *IGNORE_PATTERNS]))
+    kept = list(filter_repo_objects(files, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, *IGNORE_PATTERNS]))
+    pickles = list(filter_repo_objects(files, allow_patterns=PICKLE_PATTERNS, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    if pickles:
+        logger.warning("Not uploading %s from %s: pickle files (loading one can run code)", ", ".join(pickles), folder)
+    return kept
 
 
 def _check_card(folder: Path, uploads: list[str]) -> dict[str, Any]:
@@ -148,9 +171,20 @@ def _check_card(folder: Path, uploads: list[str]) -> dict[str, Any]:
     return metadata
 
 
-def validate_model_folder(folder: str | os.PathLike) -> list[str]:
+def require_token(token: str | None = None) -> str:
+    """The token an upload will use (``token``, ``HF_TOKEN`` or the saved login); HubAuthError without one.
+
+    Only looks locally: whether the Hub accepts the token is checked at upload time.
+    """
+    token = token or get_token()
+    if not token:
+        raise HubAuthError(f"No Hugging Face token found for uploading: {_TOKEN_HELP}.")
+    return token
+
+
+def validate_model_folder(folder: str | os.PathLike, require_card: bool = True) -> list[str]:
     """Check a model folder (config.json, safetensors weights or a complete sharded index, README.md and the files it
-    links to). Returns the files that will be uploaded."""
+    links to; without ``require_card`` the card is not looked at). Returns the files that will be uploaded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Model folder {folder} does not exist.")
@@ -166,11 +200,12 @@ def validate_model_folder(folder: str | os.PathLike) -> list[str]:
             problems.append(f"the shards listed in {MODEL_WEIGHTS_INDEX} ({absent or 'empty weight_map'})")
     elif MODEL_WEIGHTS not in uploads:
         problems.append(f"weights ({MODEL_WEIGHTS} or {MODEL_WEIGHTS_INDEX} with its shards)")
-    if "README.md" not in uploads:
+    if require_card and "README.md" not in uploads:
         problems.append("README.md (the model card)")
     if problems:
         raise FileNotFoundError(f"Model folder {folder} is incomplete, missing: " + "; ".join(problems))
-    _check_card(folder, uploads)
+    if require_card:
+        _check_card(folder, uploads)
     return uploads
 
 
@@ -217,11 +252,15 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 def validate_dataset_folder(folder: str | os.PathLike) -> list[str]:
-    """Check a dataset folder (README.md, at least one .parquet, every ``configs:`` data_files pattern matching a
-    file, linked files present). Returns the files that will be uploaded."""
+    """Check a dataset folder (finished, README.md, at least one .parquet, every ``configs:`` data_files pattern
+    matching a file, linked files present, every parquet file a valid shard of episodes: columns and types, episodes
+    of at least one step, finite values). Returns the files that will be uploaded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Dataset folder {folder} does not exist.")
+    partial = describe_partial(folder)
+    if partial is not None:
+        raise ValueError(partial)
     uploads = _upload_list(folder)
     problems = []
     if "README.md" not in uploads:
@@ -239,6 +278,9 @@ def validate_dataset_folder(folder: str | os.PathLike) -> list[str]:
     }
     if unmatched:
         raise FileNotFoundError(f"README.md configs point at data_files matching no file in {folder}: {unmatched}")
+    for path in uploads:
+        if path.endswith(".parquet"):
+            check_shard(folder / path)
     return uploads
 
 
@@ -258,6 +300,43 @@ def _authenticate(api: HfApi, token: str | None) -> tuple[str, str]:
             raise HubAuthError(f"{api.endpoint} rejected the token ({status}): {_TOKEN_HELP}.") from err
         raise
     return token, user
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """A failure to reach the endpoint: connection refused, DNS, timeouts (the request errors of the HTTP client that
+    huggingface_hub uses: ``httpx`` in 1.x, ``httpx2`` in 2.x), or offline mode."""
+    if isinstance(error, (OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+        return True
+    return any(
+        cls.__name__ == "RequestError" and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        for cls in type(error).__mro__
+    )
+
+
+@contextlib.contextmanager
+def _one_line_network_errors(endpoint: str, what: str = "the request") -> Iterator[None]:
+    """Turn an unreachable endpoint or a refused request into one-line :class:`HubPushError` messages."""
+    try:
+        yield
+    except HubPushError:
+        raise
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            raise HubAuthError(f"{endpoint} refused {what} ({status}): {_TOKEN_HELP}.") from err
+        raise HubPushError(f"{endpoint} refused {what} ({status}): {_first_line(err)}") from err
+    except Exception as err:
+        if not _is_unreachable(err):
+            raise
+        raise HubPushError(
+            f"Cannot reach the Hub at {endpoint} ({type(err).__name__}: {_first_line(err)}); check the network "
+            "connection and HF_ENDPOINT."
+        ) from err
 
 
 def _verify_remote(api: HfApi, repo_id: str, repo_type: str, revision: str, folder: Path, uploads: list[str]) -> None:
@@ -291,6 +370,28 @@ def _verify_remote(api: HfApi, repo_id: str, repo_type: str, revision: str, fold
         )
 
 
+def _upload_large(
+    api: HfApi, folder: Path, repo_id: str, repo_type: str, revision: str | None, token: str
+) -> CommitInfo:
+    """``upload_large_folder`` (several commits, resumable); the head commit of the revision afterwards."""
+    api.upload_large_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type=repo_type,
+        revision=revision,
+        ignore_patterns=list(IGNORE_PATTERNS),
+        print_report=False,
+    )
+    sha = api.repo_info(repo_id, repo_type=repo_type, revision=revision or "main", token=token).sha
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    return CommitInfo(
+        commit_url=f"{api.endpoint}/{prefix}{repo_id}/commit/{sha}",
+        commit_message="upload_large_folder",
+        commit_description="",
+        oid=sha,
+    )
+
+
 def _push(
     folder: Path,
     uploads: list[str],
@@ -301,30 +402,33 @@ def _push(
     revision: str | None,
     commit_message: str,
     token: str | None,
+    large_folder_bytes: int | None = None,
 ) -> str:
     api = HfApi()
-    token, user = _authenticate(api, token)
+    with _one_line_network_errors(api.endpoint):
+        token, user = _authenticate(api, token)
     if "/" not in repo_id:
         repo_id = f"{user}/{repo_id}"
-    try:
+    size = sum((folder / path).stat().st_size for path in uploads)
+    large = large_folder_bytes is not None and size > large_folder_bytes and hasattr(api, "upload_large_folder")
+    with _one_line_network_errors(api.endpoint, f"the upload to {repo_type} repo {repo_id}"):
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, token=token)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True, token=token)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type=repo_type,
-            revision=revision,
-            commit_message=commit_message,
-            token=token,
-            ignore_patterns=list(IGNORE_PATTERNS),
-        )
-    except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else None
-        if status in (401, 403):
-            raise HubAuthError(f"The Hub refused to write to {repo_type} repo {repo_id} ({status}): {err}") from err
-        raise
-    _verify_remote(api, repo_id, repo_type, revision or "main", folder, uploads)
+        if large:
+            info = _upload_large(api, folder, repo_id, repo_type, revision, token)
+        else:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type=repo_type,
+                revision=revision,
+                commit_message=commit_message,
+                token=token,
+                ignore_patterns=list(IGNORE_PATTERNS),
+            )
+    with _one_line_network_errors(api.endpoint, f"the check of the uploaded {repo_type} repo {repo_id}"):
+        _verify_remote(api, repo_id, repo_type, revision or "main", folder, uploads)
     return info
 
 
@@ -388,13 +492,26 @@ def push_dataset(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    large_folder_bytes: int = LARGE_FOLDER_BYTES,
 ) -> str:
     """Upload a dataset folder (README.md with ``configs:``, parquet files) to a Hub dataset repo; returns the
-    commit URL (a ``CommitInfo``). Same checks and repo/branch handling as `push_model`."""
+    commit URL (a ``CommitInfo``). Same checks and repo/branch handling as `push_model`.
+
+    A folder over ``large_folder_bytes`` goes up with ``upload_large_folder`` where huggingface_hub has it (several
+    commits; an interrupted upload resumes when the same call runs again); ``commit_message`` is not used then.
+    """
     check_repo_id(repo_id)
     folder = Path(folder)
     uploads = validate_dataset_folder(folder)
     message = commit_message or "Upload dataset with harmodt_hf.push_dataset"
     return _push(
-        folder, uploads, repo_id, "dataset", private=private, revision=revision, commit_message=message, token=token
+        folder,
+        uploads,
+        repo_id,
+        "dataset",
+        private=private,
+        revision=revision,
+        commit_message=message,
+        token=token,
+        large_folder_bytes=large_folder_bytes,
     )
