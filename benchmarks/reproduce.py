@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_study(path: Path) -> dict:
-    """The study YAML; ``variants: [a, b]`` is shorthand for ``arms: {a: {variant: a}, b: {variant: b}}``."""
+    """The study YAML; ``variants: [a, b]`` is shorthand for ``arms: {a: {variant: a}, b: {variant: b}}``. An arm may
+    list its own ``seeds`` (a subset of the study's)."""
     study = yaml.safe_load(path.read_text())
     unknown = sorted(set(study) - set(STUDY_KEYS))
     if unknown:
@@ -88,7 +89,7 @@ def run_one(study: dict, dataset: Path, arm: str, seed: int, out: Path, threads:
         out.mkdir(parents=True, exist_ok=True)
         values = {
             **study["train"],
-            **study["arms"][arm],
+            **{k: v for k, v in study["arms"][arm].items() if k != "seeds"},
             "seed": seed,
             "dataset": str(dataset),
             "dataset_config": f"{study['tasks']}-{study['quality']}",
@@ -402,7 +403,13 @@ def main() -> None:
     # short stays paired), then the unmasked baselines.
     masked = [a for a, settings in study["arms"].items() if settings["variant"].startswith("harmodt")]
     others = [a for a in study["arms"] if a not in masked]
-    jobs = [(arm, seed) for group in (masked, others) for seed in study["seeds"] for arm in group]
+    jobs = [
+        (arm, seed)
+        for group in (masked, others)
+        for seed in study["seeds"]
+        for arm in group
+        if seed in study["arms"][arm].get("seeds", study["seeds"])
+    ]
     if args.summarise_only:
         jobs = [(a, s) for a, s in jobs if _finished(args.output / f"{a}_seed{s}")]
 
