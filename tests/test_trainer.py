@@ -122,8 +122,8 @@ def test_mask_gradient_mode_defaults_to_eval_for_harmony(generated_dataset, tmp_
     model_args, data_args, training_args = parse_train_args(_argv(generated_dataset, tmp_path / "m", *extra))
     trainer = build_trainer(model_args, data_args, training_args, load_episodes(data_args))
     seen = []
-    real_loss = trainer._per_task_loss
-    trainer._per_task_loss = lambda model, batch: seen.append(model.training) or real_loss(model, batch)
+    real_loss = trainer._task_loss
+    trainer._task_loss = lambda task, tag: seen.append(trainer.model.training) or real_loss(task, tag)
     trainer.model.train()
     trainer.state.max_steps, trainer.state.global_step = 100, 25
     trainer.update_masks()
