@@ -27,9 +27,9 @@ from transformers.utils import logging
 from harmodt_hf.cpu_features import warn_if_bf16_is_emulated
 from harmodt_hf.model import masks as mask_math
 from harmodt_hf.model.modeling_harmodt import HarmoDTModel
-from harmodt_hf.training import harmony
+from harmodt_hf.training import checkpoints, harmony
 from harmodt_hf.training.reference_rule import ReferenceRule
-from harmodt_hf.training.segments import SegmentDataset, collate_segments
+from harmodt_hf.training.segments import SegmentDataset, check_batch, collate_segments
 
 logger = logging.get_logger(__name__)
 SCORES = ("fisher", "magnitude", "random")
@@ -70,6 +70,13 @@ class HarmoDTTrainingArguments(TrainingArguments):
         },
     )
     update_rule: str = field(default="harmony", metadata={"help": "'harmony' (intended) or 'reference' (official)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace an earlier run in output_dir (training/train.py deletes its final model and checkpoints "
+            "first); without it, training into a folder that holds a run is refused."
+        },
+    )
     task_sampling: str = field(default="round_robin", metadata={"help": "'round_robin' or 'all_tasks'."})
     mask_grad_batch_size: int = field(default=8, metadata={"help": "Segments per task for the mask gradients."})
     mask_grad_train_mode: bool | None = field(
@@ -182,6 +189,7 @@ class HarmoDTTrainer(Trainer):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        check_batch(inputs)
         self._step_tasks[inputs["task_ids"].unique().cpu()] = True
         # The loss reads the state tokens only: the last block need not finish the others (same loss, less work).
         return super().training_step(model, {**inputs, "state_tokens_only": True}, num_items_in_batch)
@@ -394,16 +402,41 @@ class HarmoDTTrainer(Trainer):
         return record
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def run_setup(self) -> dict[str, Any]:
+        """What identifies this run's setup (task order, variant, model size, mask rule); checked on resume."""
+        return checkpoints.run_setup(self.harmodt.config, self.args.update_rule, self.args.score)
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        if self.reference is not None and self.args.should_save:
+        if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            self.reference.save(folder)
+            checkpoints.write_run_file(folder, self.run_setup(), self.mask_hash(), self.mask_history)
+            if self.reference is not None:
+                self.reference.save(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """Trainer's loading, after checking that the checkpoint is this run's (setup, masks present) and followed
+        by restoring the mask history and checking the loaded masks' hash."""
+        folder = resume_from_checkpoint
+        run = checkpoints.read_run_file(folder)
+        if run is None:
+            logger.warning(
+                f"{folder} has no {checkpoints.RUN_FILE} (written by an older harmodt-hf): its setup is checked from "
+                "config.json only, and the mask history starts afresh from this checkpoint"
+            )
+            config = type(self.harmodt.config).from_json_file(os.path.join(folder, "config.json"))
+            saved = checkpoints.run_setup(config, self.args.update_rule, self.args.score)
+        else:
+            saved = run["setup"]
+        checkpoints.check_same_setup(folder, saved, self.run_setup())
+        mask_keys = [key for key in self.harmodt.state_dict() if key.endswith("packed_masks")]
+        checkpoints.check_masks_present(folder, mask_keys)
+        super()._load_from_checkpoint(folder, model)
+        if run is not None:
+            checkpoints.check_mask_hash(folder, run["mask_hash"], self.mask_hash())
+            self.mask_history = list(run["mask_history"])
         if self.reference is not None:
-            self.reference.load(resume_from_checkpoint)
+            self.reference.load(folder)
 
 
 class _MaskLoopCallback(TrainerCallback):
