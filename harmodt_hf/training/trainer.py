@@ -138,6 +138,13 @@ class HarmoDTTrainer(Trainer):
         )
         self.add_callback(_MaskLoopCallback(self))
 
+    def add_callback(self, callback) -> None:
+        """Trainer's ``add_callback``; callbacks that log through the trainer (``bind_trainer``) are handed it."""
+        super().add_callback(callback)
+        for added in self.callback_handler.callbacks:
+            if callable(getattr(added, "bind_trainer", None)):
+                added.bind_trainer(self)
+
     # ------------------------------------------------------------------------------------------------ set-up
     @staticmethod
     def _validate_setup(model: HarmoDTModel, args: HarmoDTTrainingArguments, dataset: SegmentDataset) -> None:
