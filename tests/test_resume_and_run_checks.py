@@ -100,6 +100,16 @@ def test_resume_from_a_checkpoint_whose_masks_changed_is_refused(generated_datas
         main(argv)
 
 
+def test_resume_of_the_reference_rule_without_its_extra_masks_is_refused(generated_dataset, tmp_path):
+    out = tmp_path / "reference"
+    main(_argv(generated_dataset, out, "--update_rule", "reference"))
+    (out / "checkpoint-10" / "reference_extra_masks.safetensors").unlink()
+    argv = _argv(generated_dataset, out, "--update_rule", "reference", "--resume_from_checkpoint",
+                 str(out / "checkpoint-10"), "--max_steps", "20")  # fmt: skip
+    with pytest.raises(ValueError, match="lacks reference_extra_masks.safetensors"):
+        main(argv)
+
+
 def test_mask_history_and_hash_files_continue_across_resumes(generated_dataset, finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
     assert [r["step"] for r in _summary(run)["mask_history"]] == [5, 10]

@@ -182,8 +182,9 @@ def harmony_mask_update(
     mean_grad = torch.cat([task_grads[name].mean(dim=0).reshape(-1) for name in masks])  # ḡ
 
     def scores(task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        agreement = agreement_score(mean_grad, _flat_row(task_grads, task, masks))
-        importance = importance_score(_flat_row(task_grads, task, masks), theta, kind)
+        task_grad = _flat_row(task_grads, task, masks)  # g_i
+        agreement = agreement_score(mean_grad, task_grad)
+        importance = importance_score(task_grad, theta, kind)
         return harmony_score(agreement, importance, gamma), agreement  # prune by H_i, regrow by A_i
 
     return _update_every_task(masks, scores, k)

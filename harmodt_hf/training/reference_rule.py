@@ -201,11 +201,18 @@ class ReferenceRule:
             extra = {k: v.to(torch.uint8).contiguous().cpu() for k, v in self.extra_masks.items()}
             save_file(extra, os.path.join(folder, REFERENCE_MASKS_FILE))
 
-    def load(self, folder: str | os.PathLike) -> None:
-        """Read the extra masks of a checkpoint folder, if it has them."""
+    def load(self, folder: str | os.PathLike, expected: bool) -> None:
+        """Read the extra masks of a checkpoint folder; ``expected`` (a mask update ran before it was saved) makes
+        their absence an error rather than a silent restart from dense extra masks."""
         path = os.path.join(folder, REFERENCE_MASKS_FILE)
         if os.path.exists(path):
             self.extra_masks = {k: v.bool() for k, v in load_file(path).items()}
+        elif expected:
+            raise ValueError(
+                f"Cannot resume from {folder}: it lacks {REFERENCE_MASKS_FILE}, the reference rule's masks over the "
+                "parameters the forward pass does not mask; resuming would reset them to dense. Resume from a "
+                "checkpoint that holds it."
+            )
 
 
 def _row(tensors: Mapping[str, torch.Tensor], names: list[str], task: int) -> torch.Tensor:

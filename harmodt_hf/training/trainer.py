@@ -6,8 +6,12 @@ move a task's masked-out weights.
 
 Outer step (``mask_mode="harmony"``), after the optimizer step when ``global_step % mask_update_interval == 0``:
 per-task gradients on fresh batches → agreement / importance scores → prune k active, regrow k inactive weights per
-task (:mod:`.harmony`). Gradients are averaged over processes and the new masks are broadcast from process 0,
-so every process holds identical masks (checked by hash after every update when several processes run).
+task (:mod:`.harmony`; the official numerics with ``update_rule="reference"``: :mod:`.reference_rule`). Gradients are
+averaged over processes and the new masks are broadcast from process 0, so every process holds identical masks
+(checked by hash after every update when several processes run).
+
+Checkpoints also hold the run's setup, the masks' hash and the mask history (:mod:`.checkpoints`): a resume under
+another setup, or from a checkpoint without its masks, is refused, and the mask history continues.
 """
 
 from __future__ import annotations
@@ -425,6 +429,8 @@ class HarmoDTTrainer(Trainer):
         """Trainer's loading, after checking that the checkpoint is this run's (setup, masks present) and followed
         by restoring the mask history and checking the loaded masks' hash."""
         folder = resume_from_checkpoint
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(f"--resume_from_checkpoint {folder} is not a checkpoint folder of a run (no config.json)")
         run = checkpoints.read_run_file(folder)
         if run is None:
             logger.warning(
@@ -443,7 +449,7 @@ class HarmoDTTrainer(Trainer):
             checkpoints.check_mask_hash(folder, run["mask_hash"], self.mask_hash())
             self.mask_history = list(run["mask_history"])
         if self.reference is not None:
-            self.reference.load(folder)
+            self.reference.load(folder, expected=bool(self.mask_history))
 
 
 class _MaskLoopCallback(TrainerCallback):
