@@ -105,6 +105,7 @@ def train(data_dir: Path, train_dir: Path, sizes: JobSizes, seed: int) -> Path:
         "--warmup_steps", str(sizes.warmup_steps),
         "--save_steps", str(sizes.train_steps),
         "--seed", str(seed),
+        "--overwrite_output_dir", "true",  # the job retrains from scratch on every run
     ]  # fmt: skip
     return train_main(argv)
 

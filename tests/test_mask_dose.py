@@ -15,7 +15,7 @@ from conftest import GENERATED_TASKS
 from transformers.utils import logging
 
 from harmodt_hf.training.cli import build_trainer, load_episodes, main, parse_train_args
-from harmodt_hf.training.harmony import random_prune_regrow, select_prune_regrow
+from harmodt_hf.training.harmony import random_mask_update, select_prune_regrow
 
 logging.disable_progress_bar()
 SMALL = [
@@ -85,8 +85,8 @@ def test_churn_rule_moves_as_many_weights_as_harmony_but_others():
     agreement = {name: mean[name] * g for name, g in grads.items()}
     prune = {name: g * g + 10 * agreement[name] for name, g in grads.items()}
     harmony, harmony_stats = select_prune_regrow(masks, prune, agreement, 4)
-    churn, churn_stats = random_prune_regrow(masks, 4, torch.Generator().manual_seed(1))
-    again, _ = random_prune_regrow(masks, 4, torch.Generator().manual_seed(1))
+    churn, churn_stats = random_mask_update(masks, 4, torch.Generator().manual_seed(1))
+    again, _ = random_mask_update(masks, 4, torch.Generator().manual_seed(1))
     assert torch.equal(churn_stats["pruned"], harmony_stats["pruned"]) and churn_stats["pruned"].tolist() == [4] * 3
     assert torch.equal(churn_stats["regrown"], harmony_stats["regrown"])
     assert torch.equal(churn_stats["active"], harmony_stats["active"])
@@ -136,8 +136,8 @@ def test_reference_gradients_clip_the_dense_gradient_then_mask(generated_dataset
                        "round_robin", "--per_device_train_batch_size", "4", "--max_grad_norm", "0.01")  # fmt: skip
     model = trainer.harmodt
     model.train()
-    grads, _ = trainer._reference_task_gradients()
-    masks_all = trainer._reference_masks_all()
+    grads, _ = trainer.reference.task_gradients(lambda task: trainer._task_loss(task, tag=1), 0.01)
+    masks_all = trainer.reference.masks_all()
     for task in range(model.config.num_tasks):
         # The official way: load W ⊙ M_t into a model whose forward masks nothing more, then differentiate.
         dense_model = copy.deepcopy(model)
@@ -145,8 +145,7 @@ def test_reference_gradients_clip_the_dense_gradient_then_mask(generated_dataset
             for layer in dense_model.masked_layers().values():
                 layer.weight.mul_(layer.task_masks()[task])
                 layer.set_task_masks(torch.ones_like(layer.task_masks()))
-        batch = trainer._fresh_task_batch([task], tag=1)
-        loss, _ = trainer._per_task_loss(dense_model, batch)
+        loss = trainer._task_loss(task, tag=1, model=dense_model)  # the same fresh batch, through the dense copy
         params = dict(dense_model.named_parameters())
         dense = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
         norm = torch.sqrt(sum(g.pow(2).sum() for g in dense.values() if g is not None))

@@ -1,4 +1,5 @@
-"""Tests for harmodt_hf.training.harmony: scores, prune/regrow selection (both rules) and the η schedule."""
+"""Tests of Algorithm 1 (harmodt_hf.training.harmony: task gradients, scores, selection, η schedule) and of the
+official numerics (harmodt_hf.training.reference_rule)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import bool_tensor, float_tensor
+from helpers import bool_tensor, float_tensor, random_inputs, tiny_config
 
+from harmodt_hf import HarmoDTModel
 from harmodt_hf.training.harmony import (
-    _official_mean_gradient,
-    _row_topk,
-    agreement_scores,
-    harmony_prune_regrow,
-    harmony_scores,
-    importance_scores,
+    agreement_score,
+    clip_task_gradients,
+    harmony_mask_update,
+    harmony_score,
+    importance_score,
+    prune_and_regrow,
     prune_count,
-    reference_prune_regrow,
     select_prune_regrow,
+    task_gradients,
 )
+from harmodt_hf.training.reference_rule import official_mean_gradient, reference_prune_regrow
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scores
@@ -27,24 +30,39 @@ from harmodt_hf.training.harmony import (
 
 
 def test_scores_values():
-    g = {"w": torch.tensor([[1.0, -2.0, 0.0], [3.0, 2.0, 4.0]]), "b": torch.tensor([[0.5], [-0.5]])}
-    params = {"w": torch.tensor([-1.0, 0.5, 2.0]), "b": torch.tensor([3.0])}
-    agree = agreement_scores(g)
-    # mean w = [2, 0, 2]; mean b = [0]
-    assert torch.equal(agree["w"], torch.tensor([[2.0, 0.0, 0.0], [6.0, 0.0, 8.0]]))
-    assert torch.equal(agree["b"], torch.zeros(2, 1))
-    fisher = importance_scores(g, None, "fisher")
-    assert torch.equal(fisher["w"], g["w"] ** 2)
-    mag = importance_scores(g, params, "magnitude")
-    assert torch.equal(mag["w"], torch.tensor([[1.0, 0.5, 2.0]] * 2)) and mag["b"].shape == (2, 1)
-    harm = harmony_scores(agree, fisher, gamma=10.0)
-    assert torch.equal(harm["w"], 10.0 * agree["w"] + g["w"] ** 2)
+    g = torch.tensor([[1.0, -2.0, 0.0, 0.5], [3.0, 2.0, 4.0, -0.5]])  # two tasks' flat gradients
+    mean = g.mean(dim=0)  # [2, 0, 2, 0]
+    theta = torch.tensor([-1.0, 0.5, 2.0, 3.0])
+    assert torch.equal(agreement_score(mean, g[0]), torch.tensor([2.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(agreement_score(mean, g[1]), torch.tensor([6.0, 0.0, 8.0, 0.0]))
+    assert torch.equal(importance_score(g[1], None, "fisher"), g[1] ** 2)
+    assert torch.equal(importance_score(g[1], theta, "magnitude"), theta.abs())
+    harmony = harmony_score(agreement_score(mean, g[1]), importance_score(g[1], None, "fisher"), gamma=10.0)
+    assert torch.equal(harmony, torch.tensor([69.0, 4.0, 96.0, 0.25]))
     with pytest.raises(ValueError, match="kind"):
-        importance_scores(g, params, "grad")
+        importance_score(g[0], theta, "grad")
     with pytest.raises(ValueError, match="magnitude"):
-        importance_scores(g, None, "magnitude")
-    with pytest.raises(ValueError, match="lacks"):
-        harmony_scores(agree, {"w": fisher["w"]}, 1.0)
+        importance_score(g[0], None, "magnitude")
+
+
+def test_prune_and_regrow_one_task():
+    mask = bool_tensor([1, 1, 0, 1, 0, 0])
+    new, pruned, regrown = prune_and_regrow(
+        mask, float_tensor([3, 1, -9, 2, -9, -9]), float_tensor([9, 9, 1, 9, 3, 2]), 1
+    )
+    assert pruned.tolist() == [1] and regrown.tolist() == [4]  # inactive/active scores are never candidates
+    assert new.tolist() == [True, False, False, True, True, False] and mask.tolist()[1]  # the input is untouched
+    with pytest.raises(ValueError, match="k=4"):
+        prune_and_regrow(mask, float_tensor([0] * 6), float_tensor([0] * 6), 4)
+
+
+def plain_scores(grads, params, kind, gamma, names):
+    """The scores written out plainly on the (T, N) concatenation: ḡ⊙g_i (regrow) and γ·ḡ⊙g_i + importance (prune)."""
+    T = grads[names[0]].shape[0]
+    g = torch.cat([grads[n].reshape(T, -1) for n in names], 1)
+    agree = g.mean(0, keepdim=True) * g
+    importance = g * g if kind == "fisher" else torch.cat([params[n].reshape(-1) for n in names]).abs().expand(T, -1)
+    return importance + gamma * agree, agree
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,8 +100,6 @@ def test_select_prune_regrow_hand_computed():
     assert new["b"].tolist() == [[1, 1, 0, 1], [0, 1, 1, 1]]
     assert stats["pruned"].tolist() == [2, 2] and stats["regrown"].tolist() == [2, 2]
     assert stats["active"].tolist() == [7, 6]
-    assert stats["pruned_per_param"]["a"].tolist() == [1, 2] and stats["pruned_per_param"]["b"].tolist() == [1, 0]
-    assert stats["regrown_per_param"]["a"].tolist() == [1, 1] and stats["regrown_per_param"]["b"].tolist() == [1, 1]
     # inputs untouched
     assert torch.equal(masks["a"], small_case()[0]["a"]) and torch.equal(prune["a"], small_case()[1]["a"])
 
@@ -134,8 +150,8 @@ def test_select_prune_regrow_matches_brute_force_and_preserves_counts():
     masks = {n: torch.rand((T, *s), generator=g) < 0.6 for n, s in shapes.items()}
     grads = {n: torch.randn((T, *s), generator=g) for n, s in shapes.items()}
     params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    agree = agreement_scores(grads)
-    prune = harmony_scores(agree, importance_scores(grads, params, "magnitude"), gamma=10.0)
+    agree = {n: grads[n].mean(0, keepdim=True) * grads[n] for n in shapes}
+    prune = {n: params[n].abs() + 10.0 * agree[n] for n in shapes}  # magnitude importance
     flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
     before = flat(masks).sum(1)
     k = min(int(before.min()), int((~flat(masks)).sum(1).min()), 4)
@@ -150,69 +166,72 @@ def test_select_prune_regrow_matches_brute_force_and_preserves_counts():
 
 
 @pytest.mark.parametrize("kind", ["fisher", "magnitude"])
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_harmony_prune_regrow_equals_scores_then_selection(kind, overwrite):
+def test_harmony_mask_update_matches_brute_force_on_random_problems(kind):
+    """Scores then selection on parameters of several shapes (one smaller than k): the indices of sorting every
+    task's scores by hand; the inputs are untouched and every task keeps its active count."""
     g = torch.Generator().manual_seed(11)
-    # a parameter smaller than k exercises the per-parameter candidate lists
     shapes = {"x": (40, 30), "y": (3,), "z": (20, 5, 4)}
     T, k = 6, 25
     masks = {n: torch.rand((T, *s), generator=g) < 0.7 for n, s in shapes.items()}
     grads = {n: torch.randn((T, *s), generator=g) * 1e-3 for n, s in shapes.items()}
     params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    agree = agreement_scores(grads)
-    prune = harmony_scores(agree, importance_scores(grads, params, kind), gamma=10.0)
-    expected, expected_stats = select_prune_regrow(masks, prune, agree, k=k)
-    work = {n: v.clone() for n, v in grads.items()}
-    new, stats = harmony_prune_regrow(masks, work, params, k, 10.0, kind, overwrite_grads=overwrite)
-    assert all(torch.equal(new[n], expected[n]) for n in shapes)
-    for key in ("prune_indices", "regrow_indices", "pruned", "regrown", "active"):
-        assert torch.equal(stats[key], expected_stats[key]), key
-    assert all(torch.equal(work[n], grads[n]) for n in shapes) != overwrite  # overwritten only when asked
-    # brute force on the concatenated scores
+    before = {n: v.clone() for n, v in grads.items()}
+    new, stats = harmony_mask_update(masks, grads, params, k, 10.0, kind)
+    prune, agree = plain_scores(grads, params, kind, 10.0, list(shapes))
     flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
-    exp_prune, exp_regrow = brute_force_select(flat(masks), flat(prune), flat(agree), k)
-    assert stats["prune_indices"].tolist() == exp_prune and stats["regrow_indices"].tolist() == exp_regrow
-
-
-@pytest.mark.parametrize("kind", ["fisher", "magnitude"])
-def test_selection_on_long_rows_matches_brute_force(kind):
-    """Rows long enough for the block-wise top-k (each parameter's k best candidates come from its k best blocks of
-    64 entries), next to a short parameter that takes plain topk: the same indices as sorting every task's row."""
-    g = torch.Generator().manual_seed(5)
-    shapes = {"long": (48, 64), "short": (7, 9), "wide": (3, 1024)}
-    T, k = 4, 5
-    masks = {n: torch.rand((T, *s), generator=g) < 0.8 for n, s in shapes.items()}
-    grads = {n: torch.randn((T, *s), generator=g) * 1e-3 for n, s in shapes.items()}
-    params = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    agree = agreement_scores(grads)
-    prune = harmony_scores(agree, importance_scores(grads, params, kind), gamma=10.0)
-    new, stats = harmony_prune_regrow(masks, grads, params, k, 10.0, kind)
-    flat = lambda d: torch.cat([d[n].reshape(T, -1) for n in shapes], 1)  # noqa: E731
-    exp_prune, exp_regrow = brute_force_select(flat(masks), flat(prune), flat(agree), k)
+    exp_prune, exp_regrow = brute_force_select(flat(masks), prune, agree, k)
     assert stats["prune_indices"].tolist() == exp_prune and stats["regrow_indices"].tolist() == exp_regrow
     assert torch.equal(flat(new).sum(1), flat(masks).sum(1))
+    assert all(torch.equal(grads[n], before[n]) for n in shapes)
 
 
-def test_row_topk_by_blocks_gives_topk_values_with_ties_and_infinities():
-    g = torch.Generator().manual_seed(2)
-    scores = torch.randint(-20, 20, (6, 4096), generator=g).float()  # many ties
-    scores[0, :3000] = float("inf")
-    scores[1, 100:4000] = float("-inf")
-    for largest in (False, True):
-        values, indices = _row_topk(scores, 7, largest=largest)
-        expected = torch.topk(scores, 7, dim=1, largest=largest).values
-        assert torch.equal(values, expected)
-        assert torch.equal(scores.gather(1, indices), values)  # indices point at those values
-        assert all(len(set(row)) == 7 for row in indices.tolist())
-
-
-def test_harmony_prune_regrow_rejects_non_finite_gradients():
+def test_harmony_mask_update_rejects_non_finite_gradients():
     masks = {"w": bool_tensor([[1, 1, 0, 0], [0, 1, 1, 0]])}
     grads = {"w": float_tensor([[1.0, float("inf"), 0.0, 2.0], [0.5, 0.0, 1.0, 1.0]])}
     with pytest.raises(ValueError, match="finite"):
-        harmony_prune_regrow(masks, grads, None, 1, 10.0, "fisher")
+        harmony_mask_update(masks, grads, None, 1, 10.0, "fisher")
+    grads["w"][0, 1] = 0.0
     with pytest.raises(ValueError, match="magnitude"):
-        harmony_prune_regrow(masks, grads, None, 1, 10.0, "magnitude")
+        harmony_mask_update(masks, grads, None, 1, 10.0, "magnitude")
+
+
+def test_task_gradients_are_each_tasks_gradient_wrt_its_effective_weights():
+    """Step 1: row i of every layer's gradient is the gradient of task i's loss with respect to θ ⊙ M_i, taken in a
+    copy of the model whose weights are θ ⊙ M_i and whose masks are all ones (so non-zero where M_i is 0 too)."""
+    torch.manual_seed(0)
+    model = HarmoDTModel(tiny_config(use_prompt=False)).eval()
+    inputs = {t: random_inputs(model.config, [t, t], seed=t) for t in range(model.config.num_tasks)}
+
+    def task_loss(net, task):
+        return net(**inputs[task], labels=inputs[task]["actions"]).loss
+
+    grads, losses = task_gradients(model, lambda task: task_loss(model, task))
+    assert all(layer.task_grad_sink is None for layer in model.masked_layers().values())
+    for task in range(model.config.num_tasks):
+        dense = HarmoDTModel(model.config).eval()
+        dense.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for layer in dense.masked_layers().values():
+                layer.weight.mul_(layer.task_masks()[task])
+                layer.set_task_masks(torch.ones_like(layer.task_masks()))
+        loss = task_loss(dense, task)
+        assert losses[task].item() == pytest.approx(loss.item(), rel=1e-6)
+        names = [f"{n}.weight" for n in dense.masked_layers()]
+        expected = torch.autograd.grad(loss, [dense.get_parameter(n) for n in names])
+        off_mask = 0
+        for name, g in zip(names, expected, strict=True):
+            torch.testing.assert_close(grads[name][task], g, rtol=1e-5, atol=1e-8, msg=name)
+            off_mask += int((g[~model.get_task_masks()[name][task]] != 0).sum())
+        assert off_mask > 0  # a signal where the task's mask is off, which regrowing needs
+
+
+def test_clip_task_gradients_scales_each_task_to_the_limit():
+    grads = {"a": float_tensor([[3.0, 0.0], [0.3, 0.0]]), "b": float_tensor([[4.0], [0.4]])}  # norms 5 and 0.5
+    clip_task_gradients(grads, 1.0)
+    torch.testing.assert_close(grads["a"], float_tensor([[0.6, 0.0], [0.3, 0.0]]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grads["b"], float_tensor([[0.8], [0.4]]), rtol=1e-5, atol=0)
+    clip_task_gradients(grads, 0.0)  # 0: no clipping
+    torch.testing.assert_close(grads["b"], float_tensor([[0.8], [0.4]]), rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +243,7 @@ def test_official_mean_gradient_is_sequential_sum_times_float32_reciprocal():
     g = torch.Generator().manual_seed(3)
     grads = [torch.randn(4096, generator=g) for _ in range(7)]
     first = grads[0].clone()
-    got = _official_mean_gradient(iter(grads))
+    got = official_mean_gradient(iter(grads))
     acc = grads[0].numpy().copy()
     for x in grads[1:]:
         acc = acc + x.numpy()
@@ -253,10 +272,7 @@ def test_reference_task0_uses_mean_gradient():
     assert all(i in (2, 3) for i in stats["regrow_indices"].flatten().tolist())
     assert stats["active"].tolist() == [4, 4]
     # the harmony rule with the same gradients uses g_0 itself: prunes entry 0 for task 0
-    agree = agreement_scores(grads)
-    _, hstats = select_prune_regrow(
-        masks, harmony_scores(agree, importance_scores(grads, None, "fisher"), 0.0), agree, 1
-    )
+    _, hstats = harmony_mask_update(masks, grads, None, 1, 0.0, "fisher")
     assert hstats["prune_indices"].tolist() == [[0], [1]]
 
 
@@ -283,7 +299,7 @@ def test_reference_regrow_ties_and_float32_rounding():
     regrown1 = stats["regrow_indices"][1].tolist()
     assert 7 in regrown1 and 9 not in regrown1 and len(set(regrown1) & {3, 4, 5, 8}) == 1
     assert stats["regrow_ties"].tolist() == [2, 4]
-    assert stats["pruned_per_param"][emb].tolist() == [1, 0]  # flaw 2: an (unmasked) embedding weight pruned
+    assert (masks[emb] & ~new[emb]).reshape(2, -1).sum(1).tolist() == [1, 0]  # flaw 2: an unmasked embedding pruned
     # the official float32 score really ties entry 8 with the zero-gradient entries, unlike float64
     assert np.float32(1) + np.float32(3e-5) * np.float32(3e-5) == np.float32(1.0)
     assert np.float64(1) + 3e-5 * 3e-5 != 1.0

@@ -122,8 +122,8 @@ def test_mask_gradient_mode_defaults_to_eval_for_harmony(generated_dataset, tmp_
     model_args, data_args, training_args = parse_train_args(_argv(generated_dataset, tmp_path / "m", *extra))
     trainer = build_trainer(model_args, data_args, training_args, load_episodes(data_args))
     seen = []
-    real_loss = trainer._per_task_loss
-    trainer._per_task_loss = lambda model, batch: seen.append(model.training) or real_loss(model, batch)
+    real_loss = trainer._task_loss
+    trainer._task_loss = lambda task, tag: seen.append(trainer.model.training) or real_loss(task, tag)
     trainer.model.train()
     trainer.state.max_steps, trainer.state.global_step = 100, 25
     trainer.update_masks()
@@ -156,7 +156,9 @@ def test_resume_matches_uninterrupted_run(generated_dataset, tmp_path):
     resumed = build(tmp_path / "part")
     resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-10"))
     assert resumed.state.global_step == 20
-    assert [r["hash"] for r in resumed.mask_history] == [r["hash"] for r in full.mask_history[2:]]
+    # the mask history continues across the resume: the checkpoint's two updates, then the resumed run's two
+    assert [r["step"] for r in resumed.mask_history] == [5, 10, 15, 20]
+    assert resumed.mask_history == full.mask_history
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
     for key, value in full_state.items():
         assert torch.equal(value, resumed_state[key]), key

@@ -8,19 +8,20 @@ from helpers import synthetic_trainer
 from transformers.utils import logging
 
 import harmodt_hf.training.harmony
+import harmodt_hf.training.reference_rule
 
 logging.disable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The one interception point of these tests: the selection entry points that HarmoDTTrainer.update_masks hands the
-# per-task gradients to (second positional argument): harmony_prune_regrow(masks, task_grads, ...) for the "harmony"
-# rule and reference_prune_regrow(masks_all, task_grads_all, ...) for "reference". Re-point SELECTION here when the
-# mask update moves (e.g. to harmodt_hf/training/harmony.py).
+# per-task gradients to (second positional argument): harmony.harmony_mask_update(masks, task_grads, ...) for the
+# "harmony" rule and reference_rule.reference_prune_regrow(masks_all, task_grads_all, ...) for "reference". Re-point
+# SELECTION here when the mask update moves.
 # ---------------------------------------------------------------------------------------------------------------------
 SELECTION = {
-    "harmony": (harmodt_hf.training.harmony, "harmony_prune_regrow"),
-    "reference": (harmodt_hf.training.harmony, "reference_prune_regrow"),
+    "harmony": (harmodt_hf.training.harmony, "harmony_mask_update"),
+    "reference": (harmodt_hf.training.reference_rule, "reference_prune_regrow"),
 }
 
 

@@ -1,15 +1,24 @@
-"""Command-line training: arguments (YAML + CLI), dataset → config → model → HarmoDTTrainer → model folder."""
+"""Command-line training: arguments (YAML + CLI), dataset → config → model → HarmoDTTrainer → model folder.
+
+``cli_main`` is the console entry point (``training/train.py``); ``main(argv)`` returns the final model folder.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
+import re
+import shutil
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 import yaml
 from transformers import HfArgumentParser, set_seed
 
@@ -29,36 +38,53 @@ VARIANTS: dict[str, dict] = {
     "prompt-dt": dict(mask_mode="none", use_prompt=True),
     "mtdt": dict(mask_mode="none", use_prompt=False),
 }
+# HarmoDTConfig arguments a run sets on the command line, with the config's own types, defaults and help. The other
+# config fields come from the data (dims, task names, state statistics), the variant (mask_mode, use_prompt) or the
+# options below (dropout sets the three dropout rates, target_return every task's target return).
+CONFIG_ARGUMENTS = (
+    "hidden_size", "n_layer", "n_head", "n_inner", "activation_function", "context_length", "prompt_length",
+    "max_ep_len", "sparsity", "return_scale",
+)  # fmt: skip
+EVAL_EPISODE_STEPS = 500  # episode length of the evaluations during training (the official protocol)
 
 
-@dataclass
-class ModelArguments:
-    """The model: variant and size (defaults: the paper's)."""
+def _config_help() -> dict[str, str]:
+    """Each HarmoDTConfig argument's help, read from the ``Args:`` section of its docstring."""
+    helps = {}
+    for match in re.finditer(r"^ {8}(\w+(?: / \w+)*): (.+(?:\n {12}.+)*)", HarmoDTConfig.__doc__ or "", re.M):
+        for name in match.group(1).split(" / "):
+            helps[name] = " ".join(match.group(2).split()).replace("%", "%%")
+    return helps
 
-    variant: str = field(default="harmodt-f", metadata={"help": f"One of {sorted(VARIANTS)}."})
-    hidden_size: int = 256
-    n_layer: int = 6
-    n_head: int = 8
-    n_inner: int = 1024
-    dropout: float = 0.1
-    context_length: int = 20
-    prompt_length: int = 5
-    sparsity: float = 0.2
-    mask_seed: int | None = field(
-        default=None,
-        metadata={
-            "help": "Seed of the ERK task masks (default: the run's --seed, so each seed draws its own masks and "
-            "variants with the same seed start from the same masks)."
-        },
+
+def _model_arguments() -> type:
+    """The ``ModelArguments`` dataclass: the variant, the CONFIG_ARGUMENTS of HarmoDTConfig (types, defaults and
+    help taken from it) and three options of the command line (dropout, mask_seed, target_return)."""
+    defaults = inspect.signature(HarmoDTConfig.__init__).parameters
+    types, helps = typing.get_type_hints(HarmoDTConfig.__init__), _config_help()
+    fields = [("variant", str, field(default="harmodt-f", metadata={"help": f"One of {sorted(VARIANTS)}."}))]
+    for name in CONFIG_ARGUMENTS:
+        metadata = {"help": f"{helps.get(name, '')} (HarmoDTConfig.{name})"}
+        fields.append((name, types[name], field(default=defaults[name].default, metadata=metadata)))
+    dropout_help = "Dropout rate of the residual, attention and embedding layers (HarmoDTConfig.*_pdrop)."
+    mask_seed_help = (
+        "Seed of the ERK task masks (default: the run's --seed, so each seed draws its own masks and variants with "
+        "the same seed start from the same masks)."
     )
-    max_ep_len: int = 1000
-    return_scale: float = 1000.0
-    target_return: float = field(default=4500.0, metadata={"help": "Target return (unscaled) of every task."})
+    fields += [
+        ("dropout", float, field(default=defaults["resid_pdrop"].default, metadata={"help": dropout_help})),
+        ("mask_seed", int | None, field(default=None, metadata={"help": mask_seed_help})),
+        ("target_return", float, field(default=4500.0, metadata={"help": "Target return (unscaled) of every task."})),
+    ]
+    return dataclasses.make_dataclass("ModelArguments", fields, namespace={"__doc__": "The model: variant and size."})
+
+
+ModelArguments = _model_arguments()
 
 
 @dataclass
 class DataArguments:
-    """The episode dataset."""
+    """The episode dataset, and the evaluations during training."""
 
     dataset: str = field(default="", metadata={"help": "Dataset folder or Hub dataset repo id."})
     dataset_config: str = field(default="mt10-near-optimal", metadata={"help": "Config of the dataset to train on."})
@@ -118,58 +144,102 @@ def parse_train_args(argv: list[str] | None = None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
-    yaml_argv: list[str] = []
+    values: dict = {}
     if known.config:
-        path = Path(known.config)
-        yaml_argv = _yaml_to_argv(load_yaml_config(path), str(path))
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+        values = load_yaml_config(Path(known.config))
+    parser = HfArgumentParser(
+        ARGUMENT_CLASSES,
+        description="Train HarmoDT (or a baseline). --config FILE.yaml sets any of the options below; the command "
+        "line wins.",
+    )
     model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(
-        args=yaml_argv + rest, return_remaining_strings=True
+        args=_yaml_to_argv(values, str(known.config)) + rest, return_remaining_strings=True
     )
     if extra:
         raise ValueError(f"Unknown command-line argument(s): {extra}")
-    return validate_args(model_args, data_args, training_args)
+    given = set(values) | {arg[2:].split("=")[0] for arg in rest if arg.startswith("--")}
+    return validate_args(model_args, data_args, training_args, given)
 
 
-def validate_args(model_args: ModelArguments, data_args: DataArguments, training_args: HarmoDTTrainingArguments):
-    """Checks that need several argument groups; raise before any data is read."""
+def validate_args(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HarmoDTTrainingArguments,
+    given: set[str] = frozenset(),
+):
+    """Checks that need several argument groups, before any data is read; ``given``: the options set explicitly
+    (YAML or command line), which must not contradict the variant."""
     if model_args.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {model_args.variant!r}")
     if not data_args.dataset:
         raise ValueError("--dataset is required: a dataset folder (dataset_scripts/generate_metaworld.py) or repo id")
     if training_args.max_steps is None or training_args.max_steps <= 0:
         raise ValueError("--max_steps must be set (> 0): HarmoDT trains for a number of steps, not epochs")
-    score = VARIANTS[model_args.variant].get("score")
-    if score is not None:
-        training_args.score = score
+    variant = VARIANTS[model_args.variant]
+    if "score" in given and training_args.score != variant.get("score"):
+        implied = f"scores by {variant['score']!r}" if "score" in variant else "has no mask updates to score"
+        fitting = [name for name, v in VARIANTS.items() if v.get("score") == training_args.score]
+        raise ValueError(
+            f"--score {training_args.score} contradicts --variant {model_args.variant}, which {implied}: drop --score"
+            + (f", or use --variant {fitting[0]}" if fitting else "")
+        )
+    training_args.score = variant.get("score", training_args.score)
+    if data_args.eval_every and data_args.eval_episodes and model_args.max_ep_len < EVAL_EPISODE_STEPS:
+        raise ValueError(
+            f"--max_ep_len {model_args.max_ep_len} is shorter than the {EVAL_EPISODE_STEPS}-step episodes of the "
+            f"evaluations during training (--eval_every): set --max_ep_len >= {EVAL_EPISODE_STEPS}"
+        )
     if model_args.mask_seed is None:
         model_args.mask_seed = training_args.seed
     return model_args, data_args, training_args
 
 
+def prepare_output_dir(training_args: HarmoDTTrainingArguments) -> None:
+    """Check the output folder before any work: an earlier run in it (a final model or checkpoints) is refused
+    unless the run resumes it (``--resume_from_checkpoint``) or replaces it (``--overwrite_output_dir``, which
+    deletes its final model, checkpoints, mask hashes and evaluation history first)."""
+    out = Path(training_args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file, not a folder")
+    resume, overwrite = training_args.resume_from_checkpoint, training_args.overwrite_output_dir
+    if resume and overwrite:
+        raise ValueError(
+            "--resume_from_checkpoint and --overwrite_output_dir contradict each other: resume the run, or replace it"
+        )
+    earlier = sorted(out.glob("checkpoint-*")) + [p for p in (out / "final",) if p.exists()]
+    if not earlier or resume:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--output_dir {out} holds an earlier run ({', '.join(p.name for p in earlier[:4])}"
+            f"{', ...' if len(earlier) > 4 else ''}): resume it with --resume_from_checkpoint "
+            f"{earlier[0]}, train into another --output_dir, or pass --overwrite_output_dir true to delete it and "
+            "start afresh"
+        )
+    if training_args.process_index == 0:
+        for path in [*earlier, out / "mask_hashes", out / "eval_history.json"]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
 def build_config(model_args: ModelArguments, buffer: EpisodeBuffer) -> HarmoDTConfig:
-    """The model config, with task names and per-task state stats taken from the data."""
+    """The model config: the CONFIG_ARGUMENTS given, the variant's mask mode and prompt, and the dims, task names
+    and per-task state stats of the data."""
     variant = VARIANTS[model_args.variant]
     mean, std = buffer.state_stats()
     return HarmoDTConfig(
+        **{name: getattr(model_args, name) for name in CONFIG_ARGUMENTS},
         state_dim=int(mean.shape[1]),
         act_dim=int(buffer.tasks[0].actions[0].shape[1]),
-        hidden_size=model_args.hidden_size,
-        n_layer=model_args.n_layer,
-        n_head=model_args.n_head,
-        n_inner=model_args.n_inner,
         resid_pdrop=model_args.dropout,
         attn_pdrop=model_args.dropout,
         embd_pdrop=model_args.dropout,
-        context_length=model_args.context_length,
-        prompt_length=model_args.prompt_length,
-        max_ep_len=model_args.max_ep_len,
         task_names=buffer.task_names,
         mask_mode=variant["mask_mode"],
         use_prompt=variant["use_prompt"],
-        sparsity=model_args.sparsity,
         mask_seed=model_args.mask_seed,
-        return_scale=model_args.return_scale,
         target_returns=[model_args.target_return] * len(buffer.task_names),
         state_mean=mean.tolist(),
         state_std=std.tolist(),
@@ -232,6 +302,7 @@ def _moved_share(trainer: HarmoDTTrainer) -> dict:
 def main(argv: list[str] | None = None) -> Path:
     """Train and save the final model folder (``<output_dir>/final``); returns its path."""
     model_args, data_args, training_args = parse_train_args(argv)
+    prepare_output_dir(training_args)
     buffer = load_episodes(data_args)
     callbacks = []
     if data_args.eval_every and data_args.eval_episodes:
@@ -243,6 +314,7 @@ def main(argv: list[str] | None = None) -> Path:
                 eval_episodes=data_args.eval_episodes,
                 eval_steps=data_args.eval_every,
                 num_workers=data_args.eval_num_workers,
+                max_steps=EVAL_EPISODE_STEPS,
             )
         )
     trainer = build_trainer(model_args, data_args, training_args, buffer, callbacks)
@@ -278,3 +350,14 @@ def main(argv: list[str] | None = None) -> Path:
         (final / "trainer_log.json").write_text(json.dumps(losses))
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def cli_main() -> None:
+    """Console entry point (``training/train.py``): train from ``sys.argv``, print where the model is, and tear down
+    the process group of a multi-process run."""
+    try:
+        final = main(sys.argv[1:])
+        print(f"Model saved to {final}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -33,10 +33,14 @@ class SuccessRateCallback(TrainerCallback, ExportableState):
 
     Runs only on the world's main process (``state.is_world_process_zero``) and uses no collective operation, so the
     other ranks go on without waiting for it. The model is unwrapped and put in eval mode for the rollouts, then
-    put back in train mode. Each evaluation is appended to ``state.log_history`` (keys ``eval/mean_success_rate``,
-    ``eval/success/<task>``, ``eval/best_mean_success_rate``, ``eval/best_step``), kept in :attr:`history`, and
-    written with the ``last`` and ``best`` evaluations to ``<output_dir>/eval_history.json``. The callback's state
-    is saved in checkpoints (``ExportableState``), so a resumed run keeps its best.
+    put back in train mode. Each evaluation is logged through the trainer's ``log`` (keys ``eval/mean_success_rate``,
+    ``eval/success/<task>``, ``eval/best_mean_success_rate``, ``eval/best_step``), so it lands in
+    ``state.log_history`` once and reaches every ``report_to`` backend (TensorBoard shows it under ``train/eval/``,
+    as transformers prefixes the keys it logs during training). :class:`HarmoDTTrainer` hands itself over through
+    :meth:`bind_trainer`; with a plain ``Trainer`` call ``callback.bind_trainer(trainer)`` yourself, else the
+    evaluation goes to ``state.log_history`` only. Each evaluation is also kept in :attr:`history` and written with
+    the ``last`` and ``best`` evaluations to ``<output_dir>/eval_history.json``. The callback's state is saved in
+    checkpoints (``ExportableState``), so a resumed run keeps its best.
 
     Args:
         eval_tasks: tasks to evaluate (a task set such as ``"mt10"`` or a list of task names).
@@ -78,6 +82,11 @@ class SuccessRateCallback(TrainerCallback, ExportableState):
         self.precision = check_precision(precision)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self._trainer = None
+
+    def bind_trainer(self, trainer) -> None:
+        """Log evaluations through ``trainer.log`` (every ``report_to`` backend and ``state.log_history``)."""
+        self._trainer = trainer
 
     @property
     def last(self) -> dict[str, Any] | None:
@@ -141,7 +150,10 @@ class SuccessRateCallback(TrainerCallback, ExportableState):
         logs.update(
             {"eval/best_mean_success_rate": self.best["mean_success_rate"], "eval/best_step": self.best["step"]}
         )
-        state.log_history.append({**logs, "step": state.global_step})
+        if self._trainer is not None:
+            self._trainer.log(logs)  # state.log_history (with the step) and every report_to backend
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
         logger.info(
             "step %d: mean success %.3f (best %.3f at step %d)",
             state.global_step,

@@ -1,511 +1,225 @@
-"""The mask update of the outer loop as pure tensor functions: scores, prune/regrow selection, the η schedule.
+"""Algorithm 1 of HarmoDT: the outer loop that learns each task's mask, stated plainly and in the paper's order.
 
-* scores: :func:`agreement_scores`, :func:`importance_scores`, :func:`harmony_scores`;
-* selection: :func:`select_prune_regrow` (the intended algorithm, rule ``"harmony"``; fused with the scores in
-  :func:`harmony_prune_regrow`) and :func:`reference_prune_regrow` (the official numerics, flaws included, rule
-  ``"reference"``);
-* the η schedule :func:`prune_count`.
+HarmoDT (Hu et al., ICML 2024, arXiv 2405.18080) trains weights θ shared by T tasks, each task seeing them through its
+own binary mask M_i (the inner loop: ordinary training steps of ``HarmoDTTrainer``). Every t_m inner steps the outer
+loop moves every task's mask towards its *harmony subspace*: the weights on which the task agrees with the others.
+``HarmoDTTrainer.update_masks`` runs these steps, in this order:
 
-Conventions as in :mod:`harmodt_hf.model.masks`: masks are dicts ``name -> bool tensor (num_tasks, *param_shape)``;
-parameters are dicts ``name -> tensor (*param_shape)``; per-task gradients and scores are dicts ``name -> tensor
-(num_tasks, *param_shape)``. Selection is global over all parameters of a dict, in the dict's iteration order.
+1. **Task gradients** ``g_i = ∇_{θ⊙M_i} L_i`` on a fresh batch of task i, with respect to the task's effective
+   weights ``θ ⊙ M_i`` (dense: also where ``M_i`` is 0, which is what regrowing needs), each clipped to norm
+   ``max_grad_norm`` — :func:`task_gradients`, :func:`clip_task_gradients`.
+2. **Agreement score** ``A_i = ḡ ⊙ g_i`` with the mean gradient ``ḡ = (1/T) Σ_j g_j``: positive where task i pulls
+   with the average — :func:`agreement_score`.
+3. **Importance score** ``I_i = g_i ⊙ g_i`` (Fisher, HarmoDT-F) or ``|θ|`` (magnitude, HarmoDT-M) —
+   :func:`importance_score`.
+4. **Harmony score** ``H_i = γ · A_i + I_i`` — :func:`harmony_score`.
+5. **Mask update**: prune the k active weights of ``M_i`` with the lowest ``H_i`` and regrow the k inactive weights
+   with the highest ``A_i``; the task keeps its number of active weights — :func:`prune_and_regrow`. Steps 2-5 for
+   every task, one task at a time: :func:`harmony_mask_update`.
+6. **Schedule** of k over training: ``k_t = η_min + (η_max − η_min) · sin²(π t / T)``, a bell that peaks at mid
+   training — :func:`prune_count`.
+
+The steps carry the paper's terms; its equation numbers were not at hand to check, so none are quoted. Two controls
+use the same schedule: :func:`random_mask_update` (the churn control, ``score="random"``: the same k, weights chosen
+at random) and the official code's own numerics, flaws included (rule ``"reference"``, :mod:`.reference_rule`).
+
+Conventions: masks are dicts ``name -> bool (T, *param_shape)``; parameters ``name -> (*param_shape)``; per-task
+gradients ``name -> (T, *param_shape)``. A task's weights are all its parameters flattened in dict order, and steps
+2-5 work on those flat vectors, one task at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
 
-from harmodt_hf.model.masks import _check_same_layout, _num_tasks, _row_counts
+from harmodt_hf.model.modeling_harmodt import HarmoDTModel
 
 __all__ = [
-    "agreement_scores",
-    "harmony_prune_regrow",
-    "harmony_scores",
-    "importance_scores",
+    "agreement_score",
+    "clip_task_gradients",
+    "harmony_mask_update",
+    "harmony_score",
+    "importance_score",
+    "prune_and_regrow",
     "prune_count",
-    "random_prune_regrow",
-    "reference_prune_regrow",
+    "random_mask_update",
     "select_prune_regrow",
+    "task_gradients",
 ]
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scores (rule "harmony")
-# ----------------------------------------------------------------------------------------------------------------
+Masks = Mapping[str, torch.Tensor]
 
 
-def agreement_scores(task_grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Agreement of each task's gradient with the mean gradient: ``ḡ ⊙ g_i``, ḡ = mean over tasks (dim 0).
+# ---------------------------------------------------------------------------------------------------------------- 1
+def task_gradients(
+    model: HarmoDTModel, task_loss: Callable[[int], torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Step 1: every task's gradient with respect to its effective weights ``θ ⊙ M_i``, one backward pass per task.
 
-    Args:
-        task_grads: name -> per-task gradients ``(T, *shape)``.
-
-    Returns:
-        name -> ``(T, *shape)`` scores (positive where task i pulls with the average).
-    """
-    _num_tasks(task_grads, "task_grads")
-    return {name: g.mean(dim=0, keepdim=True) * g for name, g in task_grads.items()}
-
-
-def importance_scores(
-    task_grads: Mapping[str, torch.Tensor],
-    params: Mapping[str, torch.Tensor] | None,
-    kind: Literal["fisher", "magnitude"],
-) -> dict[str, torch.Tensor]:
-    """Importance of each weight for each task: ``g_i²`` (``"fisher"``) or ``|θ|`` (``"magnitude"``).
-
-    Args:
-        task_grads: name -> per-task gradients ``(T, *shape)``.
-        params: name -> parameter ``(*shape)``; only needed for ``"magnitude"``.
-        kind: ``"fisher"`` or ``"magnitude"``.
+    ``task_loss(i)`` returns task i's loss on a fresh batch of its segments. The masked layers receive each task's
+    gradient with respect to ``θ ⊙ M_i`` in row i of their ``task_grad_sink`` (see ``MaskedLinear``): the plain
+    gradient with respect to θ would be zero wherever ``M_i`` is, and regrowing needs the signal there.
 
     Returns:
-        name -> ``(T, *shape)``; for ``"magnitude"`` an expanded (non-materialised) view of ``|θ|``.
+        ``(grads, losses)``: ``"<layer>.weight" -> (T, out, in)`` per-task gradients and the ``(T,)`` task losses.
     """
-    num_tasks = _num_tasks(task_grads, "task_grads")
+    layers = model.masked_layers()
+    num_tasks = model.config.num_tasks
+    grads = {
+        f"{name}.weight": torch.empty(num_tasks, *layer.weight.shape, device=layer.weight.device)
+        for name, layer in layers.items()
+    }
+    losses = torch.empty(num_tasks)
+    weights = [layer.weight for layer in layers.values()]
+    for name, layer in layers.items():
+        layer.task_grad_sink = grads[f"{name}.weight"]
+    try:
+        for task in range(num_tasks):
+            loss = task_loss(task)
+            torch.autograd.grad(loss, weights, allow_unused=True)  # fills row `task` of every sink
+            losses[task] = loss.item()
+    finally:
+        for layer in layers.values():
+            layer.task_grad_sink = None
+    return grads, losses
+
+
+def clip_task_gradients(task_grads: Masks, max_norm: float) -> None:
+    """Step 1, clipping: scale each task's gradient (over all parameters) in place to norm ≤ ``max_norm``
+    (``max_norm`` ≤ 0: no clipping)."""
+    if max_norm <= 0:
+        return
+    num_tasks = _num_tasks(task_grads)
+    squares = sum(torch.linalg.vector_norm(g.reshape(num_tasks, -1), dim=1) ** 2 for g in task_grads.values())
+    scale = (max_norm / (torch.sqrt(squares) + 1e-6)).clamp(max=1.0)
+    for g in task_grads.values():
+        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+
+
+# ---------------------------------------------------------------------------------------------------------------- 2-4
+def agreement_score(mean_grad: torch.Tensor, task_grad: torch.Tensor) -> torch.Tensor:
+    """Step 2: ``A_i = ḡ ⊙ g_i``, positive where task i pulls with the mean gradient ``ḡ``."""
+    return mean_grad * task_grad
+
+
+def importance_score(
+    task_grad: torch.Tensor, theta: torch.Tensor | None, kind: Literal["fisher", "magnitude"]
+) -> torch.Tensor:
+    """Step 3: ``I_i = g_i ⊙ g_i`` (``"fisher"``) or ``|θ|`` (``"magnitude"``, the same for every task)."""
     if kind == "fisher":
-        return {name: g * g for name, g in task_grads.items()}
-    if kind == "magnitude":
-        if params is None:
-            raise ValueError('importance kind "magnitude" needs params')
-        out = {}
-        for name, g in task_grads.items():
-            if name not in params:
-                raise ValueError(f"params lacks {name!r}, needed for magnitude importance")
-            theta = params[name]
-            if tuple(theta.shape) != tuple(g.shape[1:]):
-                raise ValueError(f"params[{name!r}] has shape {tuple(theta.shape)}, expected {tuple(g.shape[1:])}")
-            out[name] = theta.detach().abs().unsqueeze(0).expand(num_tasks, *theta.shape)
-        return out
-    raise ValueError(f'importance kind must be "fisher" or "magnitude", got {kind!r}')
+        return task_grad * task_grad
+    if kind != "magnitude":
+        raise ValueError(f'importance kind must be "fisher" or "magnitude", got {kind!r}')
+    if theta is None:
+        raise ValueError('importance kind "magnitude" needs the parameters θ')
+    return theta.abs()
 
 
-def harmony_scores(
-    agreement: Mapping[str, torch.Tensor], importance: Mapping[str, torch.Tensor], gamma: float
-) -> dict[str, torch.Tensor]:
-    """Prune score of the harmony rule: ``γ · agreement + importance`` (the lowest active entries are pruned).
-
-    Computed as ``importance.add(agreement, alpha=γ)``, the same kernel :func:`harmony_prune_regrow` uses, so both
-    give bit-identical scores."""
-    _check_same_layout(agreement, importance, "importance")
-    return {name: importance[name].add(a, alpha=gamma) for name, a in agreement.items()}
+def harmony_score(agreement: torch.Tensor, importance: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Step 4: ``H_i = γ · A_i + I_i``: the lowest active weights are pruned."""
+    return importance.add(agreement, alpha=gamma)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Selection
-# ----------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------- 5
+def prune_and_regrow(
+    mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 5 for one task: prune the k active weights with the lowest ``prune_score`` and regrow the k inactive
+    weights with the highest ``regrow_score`` (all 1-D, one entry per weight).
 
-
-def _check_k(k: int, active: torch.Tensor, total: int) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ValueError(f"k must be a non-negative int, got {k!r}")
-    inactive = total - active
-    if k > int(active.min()) or k > int(inactive.min()):
-        raise ValueError(
-            f"k={k} exceeds a task's active or inactive count: active counts {active.tolist()}, "
-            f"inactive counts {inactive.tolist()} (of {total} weights per task)"
-        )
-
-
-def select_prune_regrow(
-    masks: Mapping[str, torch.Tensor],
-    prune_scores: Mapping[str, torch.Tensor],
-    regrow_scores: Mapping[str, torch.Tensor],
-    k: int,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Rule ``"harmony"``: per task, prune the k active weights with the lowest prune score and regrow the k
-    inactive weights with the highest regrow score.
-
-    Selection is global over all parameters in ``masks`` (flattened in dict order) and by exact index: inactive
-    entries are excluded from pruning (+inf) and active ones from regrowing (-inf); each parameter gives its k best
-    candidates per task and one ``topk`` over those candidates picks the k best overall (the same set as one ``topk``
-    over all ``(T, N)`` scores, without ever concatenating them). Regrow candidates are the weights inactive *before*
-    the update, so a just-pruned weight is never regrown in the same step, and every task's active count stays
-    exactly the same. Entries whose own score is ±inf cannot be confused with excluded ones: such (rare) tasks fall
-    back to an exact per-task selection.
-
-    Args:
-        masks: name -> bool ``(T, *shape)``.
-        prune_scores: name -> ``(T, *shape)`` float, e.g. :func:`harmony_scores`; NaN is an error.
-        regrow_scores: name -> ``(T, *shape)`` float, e.g. :func:`agreement_scores`; NaN is an error.
-        k: weights pruned and regrown per task (≥ 0). ``ValueError`` if it exceeds a task's active or inactive count.
-
-    Returns:
-        ``(new_masks, stats)``: new bool masks (new tensors; inputs untouched) and a dict with ``(T,)`` int64 tensors
-        ``pruned``, ``regrown``, ``active``; ``(T, k)`` flat indices ``prune_indices``, ``regrow_indices`` (into the
-        concatenation of the flattened parameters, ascending); ``pruned_per_param`` / ``regrown_per_param``:
-        name -> ``(T,)`` counts.
+    Regrow candidates are the weights inactive *before* the update, so a weight pruned now is not regrown now and
+    the task keeps its number of active weights. Among equal scores ``torch.topk`` decides. Returns the new mask and
+    the ascending indices pruned and regrown.
     """
-    _check_same_layout(masks, prune_scores, "prune_scores")
-    _check_same_layout(masks, regrow_scores, "regrow_scores")
-    for what, scores in (("prune_scores", prune_scores), ("regrow_scores", regrow_scores)):
-        for tensor in scores.values():
-            if not tensor.is_floating_point():
-                raise ValueError(f"{what} must be floating point, got {tensor.dtype}")
-            if _has_nan(tensor):
-                raise ValueError(f"{what} contain NaN")
-
-    def layer_scores(name: str, mask: torch.Tensor, prune_out, regrow_out) -> tuple[torch.Tensor, torch.Tensor]:
-        num_tasks = mask.shape[0]
-        prune = prune_out.copy_(prune_scores[name].reshape(num_tasks, -1))
-        return prune, regrow_out.copy_(regrow_scores[name].reshape(num_tasks, -1))
-
-    def exact_rows(task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _cat_row(prune_scores, task), _cat_row(regrow_scores, task)
-
-    dtype = _common_dtype([*prune_scores.values(), *regrow_scores.values()])
-    return _select_by_layer(masks, k, layer_scores, exact_rows, dtype)
+    active, inactive = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    if k > min(len(active), len(inactive)):
+        raise ValueError(f"k={k} exceeds the task's active ({len(active)}) or inactive ({len(inactive)}) count")
+    pruned = active[torch.topk(prune_score[active], k, largest=False).indices].sort().values
+    regrown = inactive[torch.topk(regrow_score[inactive], k, largest=True).indices].sort().values
+    new = mask.clone()
+    new[pruned] = False
+    new[regrown] = True
+    return new, pruned, regrown
 
 
-def harmony_prune_regrow(
-    masks: Mapping[str, torch.Tensor],
-    task_grads: Mapping[str, torch.Tensor],
+def harmony_mask_update(
+    masks: Masks,
+    task_grads: Masks,
     params: Mapping[str, torch.Tensor] | None,
     k: int,
     gamma: float,
     kind: Literal["fisher", "magnitude"],
-    overwrite_grads: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """The whole harmony update in one pass over the parameters: scores, then :func:`select_prune_regrow`.
+) -> tuple[dict, dict]:
+    """Steps 2-5 for every task, on (clipped) task gradients: its scores, then prune and regrow k weights. One task's
+    scores at a time, over all its weights (parameters flattened in dict order).
 
-    Gives exactly ``select_prune_regrow(masks, harmony_scores(a, importance_scores(g, params, kind), gamma), a, k)``
-    with ``a = agreement_scores(g)``, but scores one parameter at a time and never concatenates all tasks' scores;
-    with ``overwrite_grads=True`` each gradient tensor is reused as that parameter's agreement buffer (its content
-    is lost), which saves a ``(T, *shape)`` allocation per parameter. Non-finite gradients are an error (the scores
-    would be meaningless).
+    Args:
+        masks: name -> bool ``(T, *shape)``, the current task masks.
+        task_grads: name -> ``(T, *shape)`` task gradients (step 1); must be finite.
+        params: name -> parameter θ, needed for ``kind="magnitude"``.
+        k: weights pruned and regrown per task (:func:`prune_count`).
+        gamma: weight γ of the agreement in the harmony score.
+        kind: importance, ``"fisher"`` or ``"magnitude"``.
+
+    Returns:
+        ``(new_masks, stats)`` as :func:`select_prune_regrow`.
     """
+    _check_layout(masks, task_grads, "task_grads")
+    for name, g in task_grads.items():
+        if not g.is_floating_point() or not bool(torch.isfinite(g.sum())):
+            raise ValueError(f"task_grads[{name!r}] must be finite floating point gradients")
     if kind not in ("fisher", "magnitude"):
         raise ValueError(f'importance kind must be "fisher" or "magnitude", got {kind!r}')
-    if kind == "magnitude" and params is None:
-        raise ValueError('importance kind "magnitude" needs params')
-    _check_same_layout(masks, task_grads, "task_grads")
+    theta = None
+    if kind == "magnitude":
+        if params is None or any(name not in params for name in masks):
+            raise ValueError('importance kind "magnitude" needs params for every masked parameter')
+        theta = torch.cat([params[name].detach().reshape(-1) for name in masks])
+    mean_grad = torch.cat([task_grads[name].mean(dim=0).reshape(-1) for name in masks])  # ḡ
 
-    grads_dtype = _common_dtype(task_grads.values())
-    if not grads_dtype.is_floating_point:
-        raise ValueError(f"task_grads must be floating point gradients, got {grads_dtype}")
+    def scores(task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        task_grad = _flat_row(task_grads, task, masks)  # g_i
+        agreement = agreement_score(mean_grad, task_grad)
+        importance = importance_score(task_grad, theta, kind)
+        return harmony_score(agreement, importance, gamma), agreement  # prune by H_i, regrow by A_i
 
-    def layer_scores(name: str, mask: torch.Tensor, prune_out, regrow_out) -> tuple[torch.Tensor, torch.Tensor]:
-        num_tasks = mask.shape[0]
-        grads = task_grads[name].reshape(num_tasks, -1)
-        if not grads.is_floating_point() or not torch.isfinite(grads.sum()):
-            raise ValueError(f"task_grads[{name!r}] must be finite floating point gradients")
-        agreement = grads if overwrite_grads and grads.dtype == grads_dtype else regrow_out.copy_(grads)
-        mean = agreement.mean(dim=0, keepdim=True)
-        if kind == "fisher":
-            prune = torch.mul(agreement, agreement, out=prune_out)
-        else:
-            if name not in params:
-                raise ValueError(f"params lacks {name!r}, needed for magnitude importance")
-            prune = prune_out.copy_(params[name].detach().abs().reshape(1, -1).expand(num_tasks, -1))
-        agreement.mul_(mean)  # ḡ ⊙ g_i, the same product as agreement_scores
-        return prune.add_(agreement, alpha=gamma), agreement
-
-    return _select_by_layer(masks, k, layer_scores, None, grads_dtype)
+    return _update_every_task(masks, scores, k)
 
 
-def random_prune_regrow(
-    masks: Mapping[str, torch.Tensor], k: int, generator: torch.Generator
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """The churn control (``score="random"``): per task, prune k active and regrow k inactive weights chosen
-    uniformly at random — the same counts and schedule as the harmony rule, without its scores.
+def select_prune_regrow(masks: Masks, prune_scores: Masks, regrow_scores: Masks, k: int) -> tuple[dict, dict]:
+    """Step 5 for every task on given scores (name -> float ``(T, *shape)``; NaN is an error).
 
-    It is :func:`select_prune_regrow` with independent uniform random prune and regrow scores, so it moves exactly
-    as many weights per task as the harmony rule would at the same k."""
-    scores = {}
+    Returns:
+        ``(new_masks, stats)``: new bool masks (the inputs are untouched) and ``(T,)`` int64 tensors ``pruned``,
+        ``regrown``, ``active`` and ``(T, k)`` ascending flat indices ``prune_indices``, ``regrow_indices`` (into a
+        task's parameters flattened in dict order).
+    """
+    _check_layout(masks, prune_scores, "prune_scores")
+    _check_layout(masks, regrow_scores, "regrow_scores")
+    for what, scores in (("prune_scores", prune_scores), ("regrow_scores", regrow_scores)):
+        for name, tensor in scores.items():
+            if not tensor.is_floating_point() or _has_nan(tensor):
+                raise ValueError(f"{what}[{name!r}] must be floating point without NaN")
+    return _update_every_task(
+        masks, lambda task: (_flat_row(prune_scores, task, masks), _flat_row(regrow_scores, task, masks)), k
+    )
+
+
+def random_mask_update(masks: Masks, k: int, generator: torch.Generator) -> tuple[dict, dict]:
+    """The churn control (``score="random"``): step 5 with independent uniform random prune and regrow scores, so it
+    moves exactly as many weights per task as the harmony rule at the same k, chosen at random."""
+    prune, regrow = {}, {}
     for name, mask in masks.items():
-        noise = torch.rand((2, *mask.shape), generator=generator, device=generator.device)
-        scores[name] = noise.to(mask.device)
-    prune = {name: s[0] for name, s in scores.items()}
-    regrow = {name: s[1] for name, s in scores.items()}
+        noise = torch.rand((2, *mask.shape), generator=generator, device=generator.device).to(mask.device)
+        prune[name], regrow[name] = noise[0], noise[1]
     return select_prune_regrow(masks, prune, regrow, k)
 
 
-def _has_nan(scores: torch.Tensor) -> bool:
-    """NaN test that reads the tensor once (a sum); the elementwise test runs only if the sum is not finite."""
-    return not bool(torch.isfinite(scores.sum())) and bool(torch.isnan(scores).any())
-
-
-def _cat_row(tensors: Mapping[str, torch.Tensor], task: int) -> torch.Tensor:
-    return torch.cat([t[task].reshape(-1) for t in tensors.values()])
-
-
-def _common_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
-    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-
-
-def _select_by_layer(masks, k, layer_scores, exact_rows, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
-    """Selection engine of the harmony rule, one parameter at a time.
-
-    ``layer_scores(name, mask, prune_out, regrow_out)`` returns a parameter's ``(T, n)`` prune and regrow scores,
-    which are overwritten here: written into the two ``dtype`` work buffers it is given (reused from parameter to
-    parameter: fresh large allocations cost page faults on every first touch) or into tensors it owns.
-    ``exact_rows(task)`` returns that task's full flat score rows for the rare exact fallback (``None``: an infinite
-    score on a selected candidate is an error instead).
-    """
-    names, flat, offsets, active = _layout(masks)
-    num_tasks = active.shape[0]
-    _check_k(k, active, sum(f.shape[1] for f in flat.values()))
-    device = active.device
-    if k == 0:
-        empty = torch.empty(num_tasks, 0, dtype=torch.int64, device=device)
-        return _apply_layer_selection(masks, flat, offsets, active, empty, empty)
-
-    prune_cands: list[tuple[torch.Tensor, torch.Tensor]] = []
-    regrow_cands: list[tuple[torch.Tensor, torch.Tensor]] = []
-    size = num_tasks * max(f.shape[1] for f in flat.values())
-    prune_buf, regrow_buf, penalty_buf = torch.empty(3, size, dtype=dtype, device=device).unbind(0)
-    for name, offset in zip(names, offsets, strict=True):
-        mask = flat[name]
-        shape = mask.shape
-        work = (buf[: mask.numel()].view(shape) for buf in (prune_buf, regrow_buf))
-        prune, regrow = layer_scores(name, masks[name], *work)
-        # -inf where active, +inf where inactive: max/min exclude entries in one vectorised pass each (on CPU several
-        # times faster than masked_fill_); scores hold no NaN (checked), so nothing else changes.
-        penalty = penalty_buf[: mask.numel()].view(shape).copy_(mask.view(torch.uint8)).sub_(0.5).mul_(-math.inf)
-        torch.maximum(prune, penalty, out=prune)  # inactive: +inf, never pruned
-        torch.minimum(regrow, penalty, out=regrow)  # active: -inf, never regrown
-        kk = min(k, mask.shape[1])
-        values, indices = _row_topk(prune, kk, largest=False)
-        prune_cands.append((values, indices + offset))
-        values, indices = _row_topk(regrow, kk, largest=True)
-        regrow_cands.append((values, indices + offset))
-        del prune, regrow
-    prune_idx = _best_candidates(prune_cands, k, largest=False)
-    regrow_idx = _best_candidates(regrow_cands, k, largest=True)
-
-    bad = ~_gather_flat(flat, offsets, prune_idx).all(dim=1) | _gather_flat(flat, offsets, regrow_idx).any(dim=1)
-    bad_tasks = bad.nonzero().flatten().tolist()
-    if bad_tasks and exact_rows is None:
-        raise ValueError(f"infinite scores on selection candidates for tasks {bad_tasks}")
-    for task in bad_tasks:  # scores of ±inf on candidates: select among candidates exactly
-        row_mask = torch.cat([flat[n][task] for n in names])
-        prune_row, regrow_row = exact_rows(task)
-        on, off = row_mask.nonzero().flatten(), (~row_mask).nonzero().flatten()
-        prune_idx[task] = on[torch.topk(prune_row[on], k, largest=False).indices]
-        regrow_idx[task] = off[torch.topk(regrow_row[off], k, largest=True).indices]
-    return _apply_layer_selection(masks, flat, offsets, active, prune_idx, regrow_idx)
-
-
-def _layout(masks: Mapping[str, torch.Tensor]):
-    """``(names, flat, offsets, active)``: the parameters in dict order, each mask as bool ``(T, n)``, each
-    parameter's offset in the concatenated flat index, and every task's active count."""
-    names = list(masks)
-    num_tasks = _num_tasks(masks, "masks")
-    flat = {n: masks[n].reshape(num_tasks, -1).to(torch.bool) for n in names}
-    sizes = [flat[n].shape[1] for n in names]
-    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
-    active = sum(_row_counts(flat[n]) for n in names)
-    return names, flat, offsets, active
-
-
-def _row_topk(scores: torch.Tensor, k: int, largest: bool, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(scores, k, dim=1, largest=largest)`` for ``(T, n)`` rows much longer than ``k``, in about one
-    vectorised read instead of a sort-based scan: rows are cut into blocks of ``block`` entries, the k blocks with the
-    best entry are kept (the row's k best entries all lie in them), and ``topk`` runs on those ``k * block`` entries.
-    The values are exactly ``torch.topk``'s; among equal values the indices may differ (as ``topk`` leaves open)."""
-    num_rows, n = scores.shape
-    if n % block or n < 4 * block * k:
-        return torch.topk(scores, k, dim=1, largest=largest)
-    blocks = scores.view(num_rows, n // block, block)
-    best = blocks.amax(dim=2) if largest else blocks.amin(dim=2)
-    kept = torch.topk(best, k, dim=1, largest=largest).indices  # (T, k) block numbers
-    candidates = blocks.gather(1, kept.unsqueeze(2).expand(-1, -1, block)).reshape(num_rows, k * block)
-    values, position = torch.topk(candidates, k, dim=1, largest=largest)
-    return values, kept.gather(1, position // block) * block + position % block
-
-
-def _best_candidates(cands: list[tuple[torch.Tensor, torch.Tensor]], k: int, largest: bool) -> torch.Tensor:
-    """The k best of the per-parameter candidates, as flat indices ``(T, k)``."""
-    values = torch.cat([v for v, _ in cands], dim=1)
-    indices = torch.cat([i for _, i in cands], dim=1)
-    return indices.gather(1, torch.topk(values, k, dim=1, largest=largest).indices)
-
-
-def _gather_flat(flat: dict[str, torch.Tensor], offsets: list[int], idx: torch.Tensor) -> torch.Tensor:
-    """``cat(flat.values(), dim=1).gather(1, idx)`` without the concatenation."""
-    out = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
-    for mask, offset in zip(flat.values(), offsets, strict=True):
-        inside = (idx >= offset) & (idx < offset + mask.shape[1])
-        local = (idx - offset).clamp(0, mask.shape[1] - 1)
-        out |= inside & mask.gather(1, local)
-    return out
-
-
-def _apply_layer_selection(masks, flat, offsets, active, prune_idx, regrow_idx) -> tuple[dict[str, torch.Tensor], dict]:
-    """New masks (per parameter) with the selected entries flipped, and the statistics of the update."""
-    num_tasks = prune_idx.shape[0]
-    pruned = _row_counts(_gather_flat(flat, offsets, prune_idx))
-    regrown = _row_counts(~_gather_flat(flat, offsets, regrow_idx))
-    rows = torch.arange(num_tasks, device=prune_idx.device)[:, None]
-    new_masks, pruned_per_param, regrown_per_param = {}, {}, {}
-    for (name, mask), offset in zip(flat.items(), offsets, strict=True):
-        n = mask.shape[1]
-        new = mask.clone()
-        for idx, value, per_param in ((prune_idx, False, pruned_per_param), (regrow_idx, True, regrown_per_param)):
-            inside = (idx >= offset) & (idx < offset + n)
-            new.view(-1)[(rows * n + idx - offset)[inside]] = value
-            per_param[name] = inside.sum(dim=1)
-        new_masks[name] = new.reshape(masks[name].shape)
-    stats = {
-        "pruned": pruned,
-        "regrown": regrown,
-        "active": active - pruned + regrown,
-        "prune_indices": prune_idx.sort(dim=1).values,
-        "regrow_indices": regrow_idx.sort(dim=1).values,
-        "pruned_per_param": pruned_per_param,
-        "regrown_per_param": regrown_per_param,
-    }
-    return new_masks, stats
-
-
-def _gather_row(tensors: Mapping[str, torch.Tensor], names: list[str], task: int, out: torch.Tensor) -> torch.Tensor:
-    """Copy row ``task`` of every ``(T, *shape)`` tensor, flattened in ``names`` order, into ``out`` (N,)."""
-    offset = 0
-    for name in names:
-        row = tensors[name][task].reshape(-1)
-        out[offset : offset + row.numel()].copy_(row)
-        offset += row.numel()
-    if offset != out.numel():
-        raise ValueError(f"gradients hold {offset} entries per task, masks {out.numel()}")
-    return out
-
-
-def _official_mean_gradient(flat_grads: Iterable[torch.Tensor]) -> torch.Tensor:
-    """ḡ as ``get_harmo_gradient`` computes it on CUDA: a sequential float32 sum in task order into the first
-    buffer, then ``/= T``, which CUDA evaluates for a Python-scalar divisor as ``x * float32(1/T)``."""
-    total: torch.Tensor | None = None
-    count = 0
-    for g in flat_grads:
-        total = g.to(torch.float32).clone() if total is None else total.add_(g.to(torch.float32))
-        count += 1
-    if total is None:
-        raise ValueError("no task gradients")
-    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(count), dtype=torch.float32)
-    return total.mul_(inv.to(total.device))
-
-
-def reference_prune_regrow(
-    masks_all: Mapping[str, torch.Tensor],
-    task_grads_all: Mapping[str, torch.Tensor],
-    params_all: Mapping[str, torch.Tensor] | None,
-    k: int,
-    gamma: float,
-    kind: Literal["fisher", "magnitude"],
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Rule ``"reference"``: the official mask update, its float32 numerics and flaws reproduced on purpose.
-
-    Mirrors ``main.py`` + ``prompt_dt/fl_utils.py`` of charleshsc/HarmoDT (``get_harmo_gradient``,
-    ``mask_dead_harmo`` = regrow, ``mask_generate_harmo`` = prune). Per task i, over one float32 vector holding
-    *all* parameters (dict order = the model's ``named_parameters`` order, embeddings and heads included although
-    the forward pass never masks them):
-
-    * ḡ: task gradients summed in task order into task 0's buffer, then divided by T the way the CUDA kernel
-      divides by a Python scalar (multiplication by the float32 reciprocal ``1/T``).
-    * regrow score ``ḡ⊙g_i + (1 − M_i·1e5)``: the k largest are regrown.
-    * prune score ``(1 − M_i)·1e5 + (ḡ⊙g_i)·γ + imp``, ``imp = g_i²`` (fisher) or ``|θ|`` (magnitude): the k
-      smallest are pruned. Both use ``torch.topk`` on the whole vector; ``M_new = M − pruned + regrown``.
-
-    Known flaws kept (REFERENCE.md "Known flaws"):
-
-    1. Regrow is tie-breaking: at inactive body weights the masked g_i is 0, so the score is exactly
-       ``0 + 1 = 1.0`` in float32 (as is any ``ḡ⊙g_i`` below ~6e-8); which tied entries ``topk`` returns depends on
-       the implementation (CPU and CUDA may differ), so only scores and untied choices are reproduced exactly.
-       ``stats["regrow_ties"]`` counts the inactive entries tied with the k-th regrow score.
-    2. Prune and regrow also land on embedding/head parameters, which the forward pass does not mask.
-    3. The in-place mean: task 0's gradient buffer *becomes* ḡ, so task 0 is scored with ``g_0 := ḡ``.
-
-    Args:
-        masks_all: name -> bool ``(T, *shape)`` for every parameter of the model.
-        task_grads_all: name -> ``(T, *shape)`` per-task gradients **as the official code computes them**: batch
-            gradient, clipped to norm 0.25, then multiplied by the task's mask except for parameters whose name
-            contains ``embed`` or ``predict`` (zeros for parameters without a gradient). Cast to float32.
-        params_all: name -> current (unmasked) parameter; needed for ``kind="magnitude"``.
-        k: weights pruned and regrown per task (``ValueError`` if it exceeds a task's active or inactive count).
-        gamma: weight of the agreement term in the prune score (official default 10).
-        kind: ``"fisher"`` or ``"magnitude"``.
-
-    Returns:
-        ``(new_masks, stats)`` as :func:`select_prune_regrow`, plus ``stats["regrow_ties"]`` (``(T,)`` int64).
-        ``RuntimeError`` if the official scores would select an inactive weight to prune or an active one to regrow
-        (the official code would then produce masks outside {0, 1}).
-    """
-    if kind not in ("fisher", "magnitude"):
-        raise ValueError(f'importance kind must be "fisher" or "magnitude", got {kind!r}')
-    _num_tasks(masks_all, "masks_all")
-    _check_same_layout(masks_all, task_grads_all, "task_grads_all")
-    names, flat, offsets, active = _layout(masks_all)
-    num_tasks = active.shape[0]
-    flat_masks = torch.cat(list(flat.values()), dim=1)
-    _check_k(k, active, flat_masks.shape[1])
-    device = flat_masks.device
-    if k == 0:
-        empty = torch.empty(num_tasks, 0, dtype=torch.int64, device=device)
-        new_masks, stats = _apply_layer_selection(masks_all, flat, offsets, active, empty, empty)
-        stats["regrow_ties"] = torch.zeros(num_tasks, dtype=torch.int64, device=device)
-        return new_masks, stats
-
-    total = flat_masks.shape[1]
-    # Preallocated float32 work buffers, reused for every task (fresh large allocations page-fault on every task).
-    g_buf, m_buf, agree, regrow_score, prune_score, tmp = (
-        torch.empty(total, dtype=torch.float32, device=device) for _ in range(6)
-    )
-
-    def task_grad(task: int) -> torch.Tensor:
-        return _gather_row(task_grads_all, names, task, g_buf)
-
-    gbar = _official_mean_gradient(task_grad(task) for task in range(num_tasks))
-
-    theta_abs = None
-    if kind == "magnitude":
-        if params_all is None:
-            raise ValueError('importance kind "magnitude" needs params_all')
-        missing = [n for n in names if n not in params_all]
-        if missing:
-            raise ValueError(f"params_all lacks {missing[:5]}")
-        theta_abs = torch.cat([params_all[n].detach().reshape(-1) for n in names]).to(torch.float32).abs()
-
-    prune_idx = torch.empty(num_tasks, k, dtype=torch.int64, device=device)
-    regrow_idx = torch.empty(num_tasks, k, dtype=torch.int64, device=device)
-    ties = torch.zeros(num_tasks, dtype=torch.int64, device=device)
-    for task in range(num_tasks):
-        g = gbar if task == 0 else task_grad(task)  # flaw 3: task 0's buffer holds the mean
-        m_buf.copy_(flat_masks[task])
-        torch.mul(gbar, g, out=agree)
-        # regrow: ḡ⊙g_i + (1 − M·1e5)   (float addition is commutative, so the order of the sum is immaterial)
-        torch.mul(m_buf, 100000, out=regrow_score)
-        regrow_score.neg_().add_(1)  # 1 − x ≡ 1 + (−x) exactly in IEEE arithmetic
-        regrow_score.add_(agree)
-        # prune: ((1 − M)·1e5 + (ḡ⊙g_i)·γ) + importance, each step rounded to float32 as in the official code
-        torch.neg(m_buf, out=prune_score).add_(1)
-        prune_score.mul_(100000)
-        prune_score.add_(torch.mul(agree, gamma, out=tmp))
-        prune_score.add_(torch.mul(g, g, out=tmp) if theta_abs is None else theta_abs)
-        top = torch.topk(regrow_score, k, largest=True)
-        regrow_idx[task] = top.indices
-        # entries tied with the k-th regrow score (only inactive ones can reach it when the selection is valid)
-        ties[task] = torch.count_nonzero(regrow_score == top.values[-1])
-        prune_idx[task] = torch.topk(prune_score, k, largest=False).indices
-
-    if ~flat_masks.gather(1, prune_idx).all() or flat_masks.gather(1, regrow_idx).any():
-        raise RuntimeError(
-            "official scores selected an inactive weight to prune or an active weight to regrow "
-            "(scores beyond the 1e5 offset); the official update would leave masks outside {0, 1}"
-        )
-    new_masks, stats = _apply_layer_selection(masks_all, flat, offsets, active, prune_idx, regrow_idx)
-    stats["regrow_ties"] = ties
-    return new_masks, stats
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Schedule
-# ----------------------------------------------------------------------------------------------------------------
-
-
+# ---------------------------------------------------------------------------------------------------------------- 6
 def prune_count(
     t: int,
     total: int,
@@ -513,15 +227,14 @@ def prune_count(
     eta_max: float = 100,
     schedule: Literal["sine", "cosine"] = "sine",
 ) -> int:
-    """Number k of weights pruned (and regrown) per task at outer update t of ``total``.
+    """Step 6: the number k of weights pruned (and regrown) per task at outer update t of ``total``.
 
-    * ``"sine"`` (official, ``main.py``'s ``cosine_annealing``): a bell 0 → η_max at t = T/2 → 0, computed as the
-      official expression ``int(η_max + 0.5·(η_min − η_max)·(1 + cos(2π·t/T)))``. In exact arithmetic this is
-      ``η_min + (η_max − η_min)·sin²(π·t/T)``, but ``int()`` truncates and the two float forms differ, e.g. at
-      t/T = 1/4 the official form gives 50 while ``100·sin²(π/4)`` = 49.999… gives 49; we keep the official one.
-      (The official code passes ``t = iteration index`` (0-based) with ``total = max_iters``.)
-    * ``"cosine"``: monotone decay ``int(η_min + 0.5·(η_max − η_min)·(1 + cos(π·t/T)))`` (``fl_utils.py``'s
-      unused ``cosine_annealing``), η_max at t = 0 → η_min at t = T.
+    * ``"sine"`` (the paper's and official ``main.py``'s): a bell 0 → η_max at t = T/2 → 0, computed as the official
+      expression ``int(η_max + 0.5·(η_min − η_max)·(1 + cos(2π·t/T)))``. In exact arithmetic that is
+      ``η_min + (η_max − η_min)·sin²(π·t/T)``, but ``int()`` truncates and the two float forms differ (at t/T = 1/4
+      the official form gives 50 where ``100·sin²(π/4)`` = 49.999… gives 49): we keep the official one. The official
+      code passes the 0-based iteration as t and ``max_iters`` as ``total``.
+    * ``"cosine"``: a monotone decay ``int(η_min + 0.5·(η_max − η_min)·(1 + cos(π·t/T)))`` from η_max to η_min.
     """
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
@@ -535,3 +248,68 @@ def prune_count(
     if schedule == "cosine":
         return int(eta_min + 0.5 * (eta_max - eta_min) * (1 + math.cos(math.pi * alpha)))
     raise ValueError(f'schedule must be "sine" or "cosine", got {schedule!r}')
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _update_every_task(masks: Masks, scores: Callable[[int], tuple[torch.Tensor, torch.Tensor]], k: int):
+    """Step 5 task by task, ``scores(task)`` giving the task's flat prune and regrow scores; new masks and stats."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    num_tasks = _num_tasks(masks)
+    rows, pruned, regrown = [], [], []
+    for task in range(num_tasks):
+        mask = _flat_row(masks, task, masks).bool()
+        try:
+            row, task_pruned, task_regrown = prune_and_regrow(mask, *scores(task), k)
+        except ValueError as error:
+            counts = [int(_flat_row(masks, t, masks).sum()) for t in range(num_tasks)]
+            raise ValueError(
+                f"{error} (task {task}): active counts {counts}, inactive counts "
+                f"{[mask.numel() - c for c in counts]} (of {mask.numel()} weights per task)"
+            ) from None
+        rows.append(row)
+        pruned.append(task_pruned)
+        regrown.append(task_regrown)
+    rows = torch.stack(rows)
+    counts = torch.full((num_tasks,), k, dtype=torch.int64)
+    stats = {
+        "pruned": counts,
+        "regrown": counts.clone(),
+        "active": rows.view(torch.uint8).sum(dim=1, dtype=torch.int64),
+        "prune_indices": torch.stack(pruned),
+        "regrow_indices": torch.stack(regrown),
+    }
+    return _unflatten(rows, masks), stats
+
+
+def _num_tasks(tensors: Masks) -> int:
+    """The common leading (task) dimension of a non-empty dict of tensors."""
+    sizes = {t.shape[0] if t.dim() else None for t in tensors.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"expected a non-empty dict of tensors with one leading task dimension, got sizes {sizes}")
+    return int(sizes.pop())
+
+
+def _check_layout(reference: Masks, other: Masks, what: str) -> None:
+    for name, tensor in reference.items():
+        if name not in other:
+            raise ValueError(f"{what} lacks {name!r}")
+        if tuple(other[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(other[name].shape)}, expected {tuple(tensor.shape)}")
+
+
+def _flat_row(tensors: Masks, task: int, order: Masks) -> torch.Tensor:
+    """Task ``task``'s entries of every tensor, flattened and concatenated in the key order of ``order``."""
+    return torch.cat([tensors[name][task].reshape(-1) for name in order])
+
+
+def _unflatten(rows: torch.Tensor, like: Masks) -> dict[str, torch.Tensor]:
+    """``(T, N)`` rows split back into tensors shaped as ``like``'s (the inverse of :func:`_flat_row` per task)."""
+    sizes = [t[0].numel() for t in like.values()]
+    parts = rows.split(sizes, dim=1)
+    return {name: part.reshape(t.shape) for (name, t), part in zip(like.items(), parts, strict=True)}
+
+
+def _has_nan(scores: torch.Tensor) -> bool:
+    """Whether ``scores`` hold a NaN; one pass (a sum) unless the sum is not finite."""
+    return not bool(torch.isfinite(scores.sum())) and bool(torch.isnan(scores).any())

@@ -95,6 +95,13 @@ class SegmentSampler:
                 f"The model's tasks {config.task_names} differ from the data's tasks {buffer.task_names}; build the "
                 "config with task_names taken from the data"
             )
+        longest = max((int(t.lengths.max()), name) for t, name in zip(buffer.tasks, buffer.task_names, strict=True))
+        if longest[0] > config.max_ep_len:
+            raise ValueError(
+                f"The data holds episodes of up to {longest[0]} steps ({longest[1]}), but max_ep_len is "
+                f"{config.max_ep_len}: timesteps from {config.max_ep_len} on have no embedding. Set max_ep_len >= "
+                f"{longest[0]} (Meta-World episodes have 500 steps)."
+            )
         self.buffer = buffer
         self.config = config
         self.mean = np.asarray(config.state_mean, dtype=np.float32)
@@ -122,7 +129,7 @@ class SegmentSampler:
         out["states"][pad:] = (obs - self.mean[task]) / self.std[task]
         out["actions"][pad:] = data.actions[episode][start : start + steps]
         out["returns_to_go"][pad:, 0] = self.rtg[task][episode][start : start + steps] / self.config.return_scale
-        out["timesteps"][pad:] = np.minimum(np.arange(start, start + steps), self.config.max_ep_len - 1)
+        out["timesteps"][pad:] = np.arange(start, start + steps)
         out["attention_mask"][pad:] = 1
         return out
 
@@ -198,17 +205,48 @@ class SegmentDataset(torch.utils.data.Dataset):
         return [self.sampler.sample(task, rng) for _ in range(size)]
 
 
+SEGMENT_DTYPES = {
+    "states": torch.float32,
+    "actions": torch.float32,
+    "returns_to_go": torch.float32,
+    "timesteps": torch.int64,
+    "attention_mask": torch.int64,
+}
+
+
 def collate_segments(items: list[dict]) -> dict:
     """Stack segments into model inputs, laid out by task (stable sort by task id, so each task is one contiguous
-    group and the model needs no reordering); ``labels`` are the target actions."""
+    group and the model needs no reordering); ``labels`` are the target actions. Segments must hold the arrays
+    :class:`SegmentSampler` makes (float32 states, actions and returns-to-go, int64 timesteps and mask)."""
+    if not items:
+        raise ValueError("collate_segments got no segments: a training batch needs at least one")
     items = sorted(items, key=lambda item: item["task_ids"])
     batch: dict = {}
-    for key in ("states", "actions", "returns_to_go", "timesteps", "attention_mask"):
-        batch[key] = torch.from_numpy(np.stack([item[key] for item in items]))
+    for key in SEGMENT_DTYPES:
+        try:
+            batch[key] = torch.from_numpy(np.stack([np.asarray(item[key]) for item in items]))
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"Segments must all hold {key!r} arrays of one shape: {error}") from None
     batch["task_ids"] = torch.tensor([item["task_ids"] for item in items], dtype=torch.long)
     batch["labels"] = batch["actions"].clone()
     if "prompt" in items[0]:
         batch["prompt"] = {
             key: torch.from_numpy(np.stack([item["prompt"][key] for item in items])) for key in items[0]["prompt"]
         }
+    check_batch(batch)
     return batch
+
+
+def check_batch(batch: dict) -> None:
+    """Refuse, with the fix, a training batch that is empty or holds tensors of another dtype than the segments
+    of :class:`SegmentSampler` (e.g. float64 states from a custom dataset), before the model sees it."""
+    task_ids = batch.get("task_ids")
+    if task_ids is None or task_ids.numel() == 0:
+        raise ValueError("The training batch is empty (no task_ids): every batch needs at least one segment")
+    for group in (batch, batch.get("prompt") or {}):
+        for key, dtype in SEGMENT_DTYPES.items():
+            if key in group and group[key].dtype != dtype:
+                raise ValueError(
+                    f"Batch tensor {key!r} is {group[key].dtype}, expected {dtype}: build segments with "
+                    f"SegmentSampler or cast them (e.g. np.asarray(x, dtype=np.float32) for states)"
+                )

@@ -6,12 +6,17 @@ move a task's masked-out weights.
 
 Outer step (``mask_mode="harmony"``), after the optimizer step when ``global_step % mask_update_interval == 0``:
 per-task gradients on fresh batches → agreement / importance scores → prune k active, regrow k inactive weights per
-task (:mod:`.harmony`). Gradients are averaged over processes and the new masks are broadcast from process 0,
-so every process holds identical masks (checked by hash after every update when several processes run).
+task (:mod:`.harmony`; the official numerics with ``update_rule="reference"``: :mod:`.reference_rule`). Gradients are
+averaged over processes and the new masks are broadcast from process 0, so every process holds identical masks
+(checked by hash after every update when several processes run).
+
+Checkpoints also hold the run's setup, the masks' hash and the mask history (:mod:`.checkpoints`): a resume under
+another setup, or from a checkpoint without its masks, is refused, and the mask history continues.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -19,20 +24,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from harmodt_hf.allocator import keep_freed_memory
 from harmodt_hf.cpu_features import warn_if_bf16_is_emulated
 from harmodt_hf.model import masks as mask_math
 from harmodt_hf.model.modeling_harmodt import HarmoDTModel
-from harmodt_hf.training import harmony as mask_update
-from harmodt_hf.training.segments import SegmentDataset, collate_segments
+from harmodt_hf.training import checkpoints, harmony
+from harmodt_hf.training.reference_rule import ReferenceRule
+from harmodt_hf.training.segments import SegmentDataset, check_batch, collate_segments
 
 logger = logging.get_logger(__name__)
-REFERENCE_MASKS_FILE = "reference_extra_masks.safetensors"
 SCORES = ("fisher", "magnitude", "random")
 
 
@@ -71,6 +74,13 @@ class HarmoDTTrainingArguments(TrainingArguments):
         },
     )
     update_rule: str = field(default="harmony", metadata={"help": "'harmony' (intended) or 'reference' (official)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace an earlier run in output_dir (training/train.py deletes its final model and checkpoints "
+            "first); without it, training into a folder that holds a run is refused."
+        },
+    )
     task_sampling: str = field(default="round_robin", metadata={"help": "'round_robin' or 'all_tasks'."})
     mask_grad_batch_size: int = field(default=8, metadata={"help": "Segments per task for the mask gradients."})
     mask_grad_train_mode: bool | None = field(
@@ -79,14 +89,6 @@ class HarmoDTTrainingArguments(TrainingArguments):
             "help": "Mask gradients in train mode (dropout on) or eval mode. Default: eval mode for 'harmony' (each "
             "task's deterministic loss gradient; dropout would add noise to the scores and, on CPU, doubles the "
             "cost of the pass) and train mode for 'reference' (as the official code)."
-        },
-    )
-    cpu_keep_freed_memory: bool = field(
-        default=True,
-        metadata={
-            "help": "On CPU, have glibc keep freed memory for reuse (harmodt_hf.allocator.keep_freed_memory): large "
-            "task-grouped batches and mask updates then stop page-faulting fresh buffers (~25% of a 400-sample "
-            "step here). Process-wide; the process keeps up to 2 GiB of freed memory."
         },
     )
 
@@ -125,14 +127,13 @@ class HarmoDTTrainer(Trainer):
         kwargs.setdefault("data_collator", collate_segments)
         self._validate_setup(model, args, train_dataset)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
-        if args.cpu_keep_freed_memory and self.args.device.type == "cpu":
-            keep_freed_memory()
         if self.args.bf16:
             warn_if_bf16_is_emulated(self.args.device, "Training", "Train without --bf16 (bf16=False) on this machine.")
         self._step_tasks = torch.zeros(model.config.num_tasks, dtype=torch.bool)
         self._frozen_snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mask_history: list[dict[str, Any]] = []
-        self._reference_extra_masks: dict[str, torch.Tensor] | None = None
+        # The official numerics (update_rule="reference") and the masks they keep beyond the model's.
+        self.reference = ReferenceRule(model) if args.update_rule == "reference" else None
         self._pending_mask_log: dict[str, Any] = {}
         self.planned_share: float | None = None  # Σk / active weights of the whole schedule (set at train start)
         # The masks the run starts from: the share of each task's mask moved is measured against them.
@@ -140,6 +141,13 @@ class HarmoDTTrainer(Trainer):
             {name: m.clone() for name, m in model.get_task_masks().items()} if model.config.has_masks else {}
         )
         self.add_callback(_MaskLoopCallback(self))
+
+    def add_callback(self, callback) -> None:
+        """Trainer's ``add_callback``; callbacks that log through the trainer (``bind_trainer``) are handed it."""
+        super().add_callback(callback)
+        for added in self.callback_handler.callbacks:
+            if callable(getattr(added, "bind_trainer", None)):
+                added.bind_trainer(self)
 
     # ------------------------------------------------------------------------------------------------ set-up
     @staticmethod
@@ -192,6 +200,7 @@ class HarmoDTTrainer(Trainer):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        check_batch(inputs)
         self._step_tasks[inputs["task_ids"].unique().cpu()] = True
         # The loss reads the state tokens only: the last block need not finish the others (same loss, less work).
         return super().training_step(model, {**inputs, "state_tokens_only": True}, num_items_in_batch)
@@ -233,109 +242,18 @@ class HarmoDTTrainer(Trainer):
         self._frozen_snapshot = {}
 
     # ------------------------------------------------------------------------------------------------ outer step
-    def _fresh_task_batch(self, tasks: list[int], tag: int) -> dict:
-        """``mask_grad_batch_size`` new segments for each task, seeded by (seed, step, process, tag)."""
-        dataset: SegmentDataset = self.train_dataset
-        step, rank = self.state.global_step, self.accelerator.process_index
-        items = []
-        for task in tasks:
-            seed = (self.args.seed, 7919, step, rank, tag, task)
-            items.extend(dataset.task_batch(task, self.args.mask_grad_batch_size, seed))
-        batch = collate_segments(items)
-        return self._prepare_inputs(batch)
-
-    def _per_task_loss(self, model: HarmoDTModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over tasks of each task's masked MSE, and the (num_tasks,) vector of those losses."""
+    def _task_loss(self, task: int, tag: int, model: HarmoDTModel | None = None) -> torch.Tensor:
+        """Task ``task``'s masked action MSE on ``mask_grad_batch_size`` fresh segments, seeded by (seed, step,
+        process, tag, task), in the training precision (through ``model``, default the trained model)."""
+        model, args = model or self.harmodt, self.args
+        seed = (args.seed, 7919, self.state.global_step, self.accelerator.process_index, tag, task)
+        segments = self.train_dataset.task_batch(task, args.mask_grad_batch_size, seed)
+        batch = self._prepare_inputs(collate_segments(segments))
         labels = batch.pop("labels")
-        with self.accelerator.autocast():  # the training precision (bf16/fp16 autocast when asked for)
+        with self.accelerator.autocast():
             preds = model(**batch, state_tokens_only=True).action_preds.float()
         valid = batch["attention_mask"].to(preds.dtype).unsqueeze(-1)
-        squared = ((preds - labels) ** 2 * valid).sum(dim=(1, 2))
-        counts = valid.sum(dim=(1, 2)) * model.config.act_dim
-        num_tasks = model.config.num_tasks
-        sums = torch.zeros(num_tasks, device=squared.device).index_add(0, batch["task_ids"], squared)
-        totals = torch.zeros(num_tasks, device=squared.device).index_add(0, batch["task_ids"], counts)
-        losses = sums / totals.clamp_min(1.0)
-        return losses.sum(), losses.detach()
-
-    def _clip_task_grads(self, grads: dict[str, torch.Tensor]) -> None:
-        """Scale each task's gradient to norm ≤ max_grad_norm (the clipping of the official per-task gradients)."""
-        if self.args.max_grad_norm <= 0:
-            return
-        num_tasks = next(iter(grads.values())).shape[0]
-        squares = sum(torch.linalg.vector_norm(g.reshape(num_tasks, -1), dim=1) ** 2 for g in grads.values())
-        norms = torch.sqrt(squares)
-        scale = (self.args.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads.values():
-            g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
-
-    def _harmony_task_gradients(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-task gradients w.r.t. the effective weights W ⊙ M_t, from one task-grouped pass over all tasks."""
-        model = self.harmodt
-        layers = model.masked_layers()
-        num_tasks = model.config.num_tasks
-        for layer in layers.values():  # every task is in the batch, so the backward pass writes every row
-            layer.task_grad_sink = torch.empty(num_tasks, *layer.weight.shape, device=layer.weight.device)
-        try:
-            batch = self._fresh_task_batch(list(range(num_tasks)), tag=0)
-            loss, losses = self._per_task_loss(model, batch)
-            # Runs the backward pass through every masked layer; their sinks collect the per-task gradients.
-            torch.autograd.grad(loss, [layer.weight for layer in layers.values()], allow_unused=True)
-            grads = {f"{name}.weight": layer.task_grad_sink for name, layer in layers.items()}
-        finally:
-            for layer in layers.values():
-                layer.task_grad_sink = None
-        return grads, losses
-
-    def _reference_task_gradients(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The official per-task gradients (``update_gradient``): one pass per task; the dense gradient (w.r.t. the
-        effective weights W ⊙ M_t, as the official code loads them into the model) is clipped to max_grad_norm over
-        all parameters, then multiplied by the task's masks except for ``embed``/``predict`` parameters."""
-        model = self.harmodt
-        num_tasks = model.config.num_tasks
-        params = dict(model.named_parameters())
-        layers = model.masked_layers()
-        body = {f"{name}.weight": layer for name, layer in layers.items()}
-        masks_all = self._reference_masks_all()
-        grads = {name: torch.zeros(num_tasks, *p.shape, device=p.device) for name, p in params.items()}
-        losses = torch.zeros(num_tasks)
-        for task in range(num_tasks):
-            for layer in layers.values():  # the sinks receive the dense effective-weight gradients of this task
-                layer.task_grad_sink = torch.zeros(num_tasks, *layer.weight.shape, device=layer.weight.device)
-            try:
-                batch = self._fresh_task_batch([task], tag=1)
-                loss, task_losses = self._per_task_loss(model, batch)
-                task_grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                dense = {
-                    name: body[name].task_grad_sink[task] if name in body else g
-                    for name, g in zip(params, task_grads, strict=True)
-                }
-            finally:
-                for layer in layers.values():
-                    layer.task_grad_sink = None
-            norm = torch.sqrt(sum(g.pow(2).sum() for g in dense.values() if g is not None))
-            scale = min(1.0, self.args.max_grad_norm / (float(norm) + 1e-6)) if self.args.max_grad_norm > 0 else 1.0
-            for name, g in dense.items():
-                if g is None:
-                    continue
-                masked = "embed" in name or "predict" in name
-                grads[name][task] = g * scale if masked else g * scale * masks_all[name][task]
-            losses[task] = task_losses[task].cpu()
-        return grads, losses
-
-    def _reference_masks_all(self) -> dict[str, torch.Tensor]:
-        """Masks over every parameter for the reference rule: the model's body masks plus trainer-held masks for
-        the parameters the forward never masks (embeddings, heads, biases, norms: dense at the start)."""
-        model = self.harmodt
-        body = model.get_task_masks()
-        if self._reference_extra_masks is None:
-            num_tasks = model.config.num_tasks
-            self._reference_extra_masks = {
-                name: torch.ones(num_tasks, *p.shape, dtype=torch.bool, device=p.device)
-                for name, p in model.named_parameters()
-                if name not in body
-            }
-        return {name: body.get(name, self._reference_extra_masks.get(name)) for name, _ in model.named_parameters()}
+        return ((preds - labels) ** 2 * valid).sum() / (valid.sum() * model.config.act_dim).clamp_min(1.0)
 
     # ------------------------------------------------------------------------------------------------ dose
     def active_weights_per_task(self) -> int:
@@ -351,7 +269,7 @@ class HarmoDTTrainer(Trainer):
         args = self.args
         total = args.eta_total_steps or self.state.max_steps or args.max_steps
         eta_max = eta_max_count(args, self.active_weights_per_task())
-        return mask_update.prune_count(step - 1, total, args.eta_min, eta_max, args.eta_schedule)
+        return harmony.prune_count(step - 1, total, args.eta_min, eta_max, args.eta_schedule)
 
     def planned_moved_fraction(self, max_steps: int | None = None) -> float:
         """Σk over every mask update of the run divided by a task's active weights: the share of each task's mask
@@ -371,53 +289,74 @@ class HarmoDTTrainer(Trainer):
         return left.double() / kept.double()
 
     def update_masks(self) -> dict[str, Any]:
-        """One outer step: score, prune and regrow every task's mask; returns (and logs) its statistics."""
-        model = self.harmodt
-        args = self.args
-        k = self.prune_count_at(self.state.global_step)
-        was_training = model.training
-        train_mode = args.mask_grad_train_mode
-        model.train(args.update_rule == "reference" if train_mode is None else train_mode)
-        try:
-            if args.update_rule == "harmony" and args.score == "random":
-                grads, losses = {}, torch.full((model.config.num_tasks,), math.nan)  # the churn control reads none
-            elif args.update_rule == "harmony":
-                grads, losses = self._harmony_task_gradients()
-            else:
-                grads, losses = self._reference_task_gradients()
-        finally:
-            model.train(was_training)
-        if self.accelerator.num_processes > 1:
-            grads = {name: self.accelerator.reduce(g, "mean") for name, g in grads.items()}
-            losses = self.accelerator.reduce(losses.to(self.accelerator.device), "mean").cpu()
+        """One outer step: prune and regrow k weights of every task's mask; returns (and logs) its statistics.
 
-        body_names = list(model.get_task_masks())
-        stats: dict[str, Any] = {}
-        if self.accelerator.is_main_process:
-            with torch.no_grad():
-                if args.update_rule == "harmony" and args.score == "random":
-                    new_masks, stats = mask_update.random_prune_regrow(
-                        model.get_task_masks(), k, self._churn_generator()
-                    )
-                elif args.update_rule == "harmony":
-                    self._clip_task_grads(grads)
-                    params = {name: model.get_parameter(name) for name in body_names}
-                    # The gradients are ours: overwriting them saves a (T, *shape) buffer per parameter.
-                    new_masks, stats = mask_update.harmony_prune_regrow(
-                        model.get_task_masks(), grads, params, k, args.gamma, args.score, overwrite_grads=True
-                    )
-                else:
-                    params = dict(model.named_parameters())
-                    new_all, stats = mask_update.reference_prune_regrow(
-                        self._reference_masks_all(), grads, params, k, args.gamma, args.score
-                    )
-                    new_masks = {name: new_all[name] for name in body_names}
-                    self._reference_extra_masks = {n: m for n, m in new_all.items() if n not in new_masks}
-            model.set_task_masks(new_masks, copy=False)  # fresh tensors of the selection, handed over
+        Rule ``"harmony"``: Algorithm 1 as :mod:`.harmony` states it (or its churn control, ``score="random"``); rule
+        ``"reference"``: the official code's numerics (:mod:`.reference_rule`). Task gradients are averaged over
+        processes, process 0 selects and the new masks are broadcast to every process."""
+        k = self.prune_count_at(self.state.global_step)
+        if self.reference is not None:  # the only branch on the rule
+            new_masks, stats, losses = self._reference_update(k)
+        else:
+            new_masks, stats, losses = self._harmony_update(k)
+        if new_masks is not None:
+            self.harmodt.set_task_masks(new_masks, copy=False)  # fresh tensors of the selection, handed over
         self._broadcast_masks()
         record = self._mask_log(k, stats, losses)
         self.mask_history.append({"step": self.state.global_step, "hash": self.mask_hash(), **record})
         return record
+
+    def _harmony_update(self, k: int) -> tuple[dict | None, dict, torch.Tensor]:
+        """Algorithm 1: task gradients (eval mode unless ``mask_grad_train_mode``), clipped, then scores, prune and
+        regrow; the churn control draws its choices instead. New masks on process 0 only (``None`` elsewhere)."""
+        model, args = self.harmodt, self.args
+        if args.score == "random":  # the churn control reads no gradient
+            new_masks, stats = None, {}
+            if self.accelerator.is_main_process:
+                new_masks, stats = harmony.random_mask_update(model.get_task_masks(), k, self._churn_generator())
+            return new_masks, stats, torch.full((model.config.num_tasks,), math.nan)
+        with self._mask_gradient_mode(train=False):
+            grads, losses = harmony.task_gradients(model, lambda task: self._task_loss(task, tag=0))
+        grads, losses = self._mean_over_processes(grads, losses)
+        if not self.accelerator.is_main_process:
+            return None, {}, losses
+        with torch.no_grad():
+            harmony.clip_task_gradients(grads, args.max_grad_norm)
+            masks = model.get_task_masks()
+            params = {name: model.get_parameter(name) for name in masks}
+            new_masks, stats = harmony.harmony_mask_update(masks, grads, params, k, args.gamma, args.score)
+        return new_masks, stats, losses
+
+    def _reference_update(self, k: int) -> tuple[dict | None, dict, torch.Tensor]:
+        """The official numerics: task gradients in train mode (unless ``mask_grad_train_mode``), clipped dense and
+        masked, then the official selection over every parameter. New masks on process 0 only."""
+        with self._mask_gradient_mode(train=True):
+            task_loss = lambda task: self._task_loss(task, tag=1)  # noqa: E731
+            grads, losses = self.reference.task_gradients(task_loss, self.args.max_grad_norm)
+        grads, losses = self._mean_over_processes(grads, losses)
+        if not self.accelerator.is_main_process:
+            return None, {}, losses
+        with torch.no_grad():
+            new_masks, stats = self.reference.update(grads, k, self.args.gamma, self.args.score)
+        return new_masks, stats, losses
+
+    @contextlib.contextmanager
+    def _mask_gradient_mode(self, train: bool):
+        """The model in train mode (dropout on) or eval mode for the task gradients: ``train`` by default,
+        ``mask_grad_train_mode`` when set; back to its mode afterwards."""
+        model = self.harmodt
+        was_training = model.training
+        model.train(train if self.args.mask_grad_train_mode is None else self.args.mask_grad_train_mode)
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+    def _mean_over_processes(self, grads: dict, losses: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        if self.accelerator.num_processes == 1:
+            return grads, losses
+        grads = {name: self.accelerator.reduce(g, "mean") for name, g in grads.items()}
+        return grads, self.accelerator.reduce(losses.to(self.accelerator.device), "mean").cpu()
 
     def _churn_generator(self) -> torch.Generator:
         """The random choices of the churn control: seeded by (seed, step), so a run is reproducible and resumable."""
@@ -474,18 +413,43 @@ class HarmoDTTrainer(Trainer):
         return record
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def run_setup(self) -> dict[str, Any]:
+        """What identifies this run's setup (task order, variant, model size, mask rule); checked on resume."""
+        return checkpoints.run_setup(self.harmodt.config, self.args.update_rule, self.args.score)
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        if self._reference_extra_masks is not None and self.args.should_save:
+        if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            extra = {k: v.to(torch.uint8).contiguous().cpu() for k, v in self._reference_extra_masks.items()}
-            save_file(extra, os.path.join(folder, REFERENCE_MASKS_FILE))
+            checkpoints.write_run_file(folder, self.run_setup(), self.mask_hash(), self.mask_history)
+            if self.reference is not None:
+                self.reference.save(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, REFERENCE_MASKS_FILE)
-        if os.path.exists(path):
-            self._reference_extra_masks = {k: v.bool() for k, v in load_file(path).items()}
+        """Trainer's loading, after checking that the checkpoint is this run's (setup, masks present) and followed
+        by restoring the mask history and checking the loaded masks' hash."""
+        folder = resume_from_checkpoint
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(f"--resume_from_checkpoint {folder} is not a checkpoint folder of a run (no config.json)")
+        run = checkpoints.read_run_file(folder)
+        if run is None:
+            logger.warning(
+                f"{folder} has no {checkpoints.RUN_FILE} (written by an older harmodt-hf): its setup is checked from "
+                "config.json only, and the mask history starts afresh from this checkpoint"
+            )
+            config = type(self.harmodt.config).from_json_file(os.path.join(folder, "config.json"))
+            saved = checkpoints.run_setup(config, self.args.update_rule, self.args.score)
+        else:
+            saved = run["setup"]
+        checkpoints.check_same_setup(folder, saved, self.run_setup())
+        mask_keys = [key for key in self.harmodt.state_dict() if key.endswith("packed_masks")]
+        checkpoints.check_masks_present(folder, mask_keys)
+        super()._load_from_checkpoint(folder, model)
+        if run is not None:
+            checkpoints.check_mask_hash(folder, run["mask_hash"], self.mask_hash())
+            self.mask_history = list(run["mask_history"])
+        if self.reference is not None:
+            self.reference.load(folder, expected=bool(self.mask_history))
 
 
 class _MaskLoopCallback(TrainerCallback):
