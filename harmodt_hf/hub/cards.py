@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from harmodt_hf.model.masks import mask_density, pairwise_iou
+from harmodt_hf.model.masks import mask_density, mask_overlap_counts, pairwise_iou
 from harmodt_hf.tasks import TASK_SETS
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "model_card.md.j2"
@@ -113,18 +113,6 @@ def _require_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
-def _mask_gram(masks: Mapping[str, torch.Tensor], chunk: int = 1 << 22) -> torch.Tensor:
-    """``X Xᵀ`` of the flattened 0/1 task masks ``X`` (T × N), float64; exact (float32 sums of ≤ 2**24 ones)."""
-    num_tasks = next(iter(masks.values())).shape[0]
-    gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
-    for mask in masks.values():
-        flat = mask.reshape(num_tasks, -1)
-        for start in range(0, flat.shape[1], chunk):
-            block = flat[:, start : start + chunk].to(torch.float32)
-            gram += (block @ block.T).to(torch.float64).cpu()
-    return gram
-
-
 def mask_embedding(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """2-D PCA of the task masks: ``(coords (T, 2), explained variance ratio (2,))``.
 
@@ -133,7 +121,7 @@ def mask_embedding(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     MT50 model has millions of masked weights per task. Each component's sign is fixed so that its largest
     coordinate (in absolute value) is positive.
     """
-    gram = _mask_gram(_require_masks(model))
+    gram = mask_overlap_counts(_require_masks(model)).cpu()
     num_tasks = gram.shape[0]
     centre = torch.eye(num_tasks, dtype=torch.float64) - 1.0 / num_tasks
     centred = centre @ gram @ centre
