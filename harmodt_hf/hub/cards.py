@@ -1,8 +1,9 @@
 """Model cards: the Hub card (YAML metadata with one eval result per task + Markdown body), mask figures, and the
 Hub-ready model folder (weights, card, figures, results JSON).
 
-The card's ``library_name`` is ``harmodt-hf``, not ``transformers``: loading needs ``import harmodt_hf`` (it registers
-the ``harmodt`` model type), so the Hub's generic transformers snippet would not work on its own.
+The card's ``library_name`` is ``transformers``: ``save_pretrained`` writes the modelling code and an ``auto_map`` into
+the folder, so ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` loads the model without harmodt-hf, and the
+card's first usage snippet (tested as printed) does just that.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from harmodt_hf.model.masks import mask_density, mask_overlap_counts, pairwise_i
 from harmodt_hf.tasks import TASK_SETS
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "model_card.md.j2"
-LIBRARY_NAME = "harmodt-hf"
+LIBRARY_NAME = "transformers"
 TAGS = ["reinforcement-learning", "meta-world", "harmodt", "decision-transformer", "multi-task", "offline-rl"]
 FIGURE_KEYS = ("success", "mask_overlap", "mask_embedding", "video")
 FIGURE_FILES = {
