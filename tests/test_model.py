@@ -553,3 +553,32 @@ def test_bad_input_is_named(model, edit, message):
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**kwargs)
+
+
+@pytest.mark.parametrize("mask_mode", ["harmony", "none"])
+@pytest.mark.parametrize("prompt_as", ["tokens", "encoded"])
+def test_forward_needs_no_device_synchronisation(mask_mode, prompt_as):
+    """The input checks read no values off the device: the whole forward runs on the meta device (where reading a
+    value raises), with the task ids given on the CPU (a masked model reads them on the host to group the batch)."""
+    model = HarmoDTModel(tiny_config(mask_mode=mask_mode)).eval()
+    inputs = random_inputs(model.config, [2, 0, 1, 0])
+    prompt = inputs.pop("prompt")
+    task_ids = inputs.pop("task_ids")
+    with torch.no_grad():
+        if prompt_as == "encoded":
+            prompt = {"prompt_key_values": model.encode_prompt(prompt, task_ids)}
+        else:
+            prompt = {"prompt": prompt}
+        model.to("meta")
+        meta = {k: v.to("meta") for k, v in inputs.items()}
+        if prompt_as == "encoded":
+            encoded = prompt["prompt_key_values"]
+            kv = tuple((k.to("meta"), v.to("meta")) for k, v in encoded.key_values)
+            prompt["prompt_key_values"] = type(encoded)(
+                kv, encoded.attention_mask.to("meta"), encoded.task_ids.to("meta")
+            )
+        else:
+            prompt["prompt"] = {k: v.to("meta") for k, v in prompt["prompt"].items()}
+        output = model(**meta, **prompt, task_ids=task_ids, last_action_only=prompt_as == "encoded")
+    assert output.action_preds.device.type == "meta"
+    assert output.action_preds.shape[0] == 4

@@ -79,12 +79,14 @@ def check_steps(
 
 
 def check_task_ids(config: HarmoDTConfig, task_ids, size: int, device) -> tuple[torch.Tensor, list[int] | None]:
-    """The ``(B,)`` int64 task ids, and the same as a list when they were read on the host (masked models, CPU)."""
+    """The ``(B,)`` int64 task ids on ``device``, and the same as a list when they were read on the host: always for a
+    masked model (it groups the batch by task; no device synchronisation when the ids are given on the CPU), and
+    whenever they are on the CPU."""
     if task_ids is None:
         if config.has_masks or config.use_prompt:
             raise ValueError("task_ids is required: this model has per-task masks or prompts")
         return torch.zeros(size, dtype=torch.long, device=device), None
-    task_ids = torch.as_tensor(task_ids, device=device).reshape(-1)
+    task_ids = torch.as_tensor(task_ids).reshape(-1)
     if task_ids.numel() != size:
         raise ValueError(f"task_ids must have one entry per sample ({size}), got {task_ids.numel()}")
     if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool:
@@ -95,7 +97,7 @@ def check_task_ids(config: HarmoDTConfig, task_ids, size: int, device) -> tuple[
             f"task_ids must be in [0, {config.num_tasks}) for tasks {config.task_names}; got "
             f"[{min(host_ids)}, {max(host_ids)}]"
         )
-    return task_ids.long(), host_ids
+    return task_ids.to(device=device, dtype=torch.long), host_ids
 
 
 def check_prompt(config: HarmoDTConfig, prompt: dict, size: int) -> dict[str, torch.Tensor]:
