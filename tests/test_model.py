@@ -441,13 +441,11 @@ def _set_group_matmul(model: HarmoDTModel, mode: str) -> None:
 def test_batched_group_matmul_equals_the_loop(monkeypatch):
     """The accelerator path (one batched matmul over equal task groups) gives the loop's outputs, weight, bias and
     input gradients, per-task sink gradients and cached inference outputs."""
-    from harmodt_hf.model import masked_linear_fast
+    from harmodt_hf.model import masked_linear
 
     decisions = []
-    choose = masked_linear_fast.use_batched_groups
-    monkeypatch.setattr(
-        masked_linear_fast, "use_batched_groups", lambda *a: decisions.append(choose(*a)) or decisions[-1]
-    )
+    choose = masked_linear.use_batched_groups
+    monkeypatch.setattr(masked_linear, "use_batched_groups", lambda *a: decisions.append(choose(*a)) or decisions[-1])
     torch.manual_seed(0)
     model = HarmoDTModel(tiny_config()).train()
     inputs = random_inputs(model.config, [0, 0, 1, 1, 2, 2], seed=5)

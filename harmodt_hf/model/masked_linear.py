@@ -77,21 +77,20 @@ class TaskBatch:
 
 
 class MaskedWeights(torch.autograd.Function):
-    """``(G, out, in)``: ``W ⊙ M[t_g]`` for the task ``t_g`` of every group ``g``.
+    """``(G, out, in)``: ``W ⊙ M[t_g]`` for the task ``t_g = task_index[g]`` of every group ``g``.
 
     Backward: ``grad_W = Σ_g grad_g ⊙ M[t_g]`` (zero where no task of the batch keeps a weight). With a
-    ``task_grad_sink`` (a ``(num_tasks, out, in)`` tensor), each batch task's row of the sink is *set* to the gradient
-    with respect to its effective weight ``W ⊙ M[t]`` (dense, summed over the task's groups), the rows of other tasks
-    are left as they are, and ``W`` gets no gradient: the per-task signal of the trainer's mask update.
+    ``task_grad_sink`` (a ``(num_tasks, out, in)`` tensor), each task's row of the sink is *set* to the gradient with
+    respect to its effective weight ``W ⊙ M[t]`` (dense; summed over its groups when ``tasks_distinct`` is false),
+    the rows of other tasks are left as they are, and ``W`` gets no gradient: the per-task signal of the trainer's
+    mask update.
     """
 
     @staticmethod
-    def forward(ctx, weight, masks, groups, task_grad_sink=None):  # noqa: D102
-        task_index = groups.task_index(masks.device)
+    def forward(ctx, weight, masks, task_index, task_grad_sink=None, tasks_distinct=True):  # noqa: D102
         group_masks = masks.index_select(0, task_index)
         ctx.save_for_backward(group_masks, task_index)
-        ctx.task_grad_sink = task_grad_sink
-        ctx.tasks_distinct = len(set(groups.tasks)) == len(groups.tasks)
+        ctx.task_grad_sink, ctx.tasks_distinct = task_grad_sink, tasks_distinct
         return group_masks.to(weight.dtype).mul_(weight)
 
     @staticmethod
@@ -99,12 +98,12 @@ class MaskedWeights(torch.autograd.Function):
         group_masks, task_index = ctx.saved_tensors
         sink = ctx.task_grad_sink
         if sink is None:
-            return (grad * group_masks.to(grad.dtype)).sum(dim=0), None, None, None
+            return (grad * group_masks.to(grad.dtype)).sum(dim=0), None, None, None, None
         if ctx.tasks_distinct:
             sink.index_copy_(0, task_index, grad.to(sink.dtype))
         else:  # a task in several groups: its row is the sum of their gradients
             sink.index_fill_(0, task_index, 0).index_add_(0, task_index, grad.to(sink.dtype))
-        return None, None, None, None
+        return None, None, None, None, None
 
 
 def group_linear(
@@ -194,10 +193,15 @@ class MaskedLinear(nn.Module):
             weights, bias = self.weight_cache.lookup(self.weight, self.bias, self.task_masks(), groups.tasks, dtype)
             return group_linear(x.to(dtype), weights, bias, groups.sizes)
         self.drop_weight_cache()
-        weights = MaskedWeights.apply(self.weight, self.task_masks(), groups, self.task_grad_sink)
+        masks, index, sink = self.task_masks(), groups.task_index(x.device), self.task_grad_sink
         if use_batched_groups(self.group_matmul, x, groups.sizes):
-            return batched_group_linear(x, weights, self.bias)
-        return group_linear(x, weights, self.bias, groups.sizes)
+            distinct = len(set(groups.tasks)) == len(groups.tasks)
+            return batched_group_linear(x, MaskedWeights.apply(self.weight, masks, index, sink, distinct), self.bias)
+        weights: dict[int, torch.Tensor] = {}  # one masked weight per task, also when a task has several groups
+        for g, task in enumerate(groups.tasks):
+            if task not in weights:
+                weights[task] = MaskedWeights.apply(self.weight, masks, index[g : g + 1], sink)[0]
+        return group_linear(x, [weights[task] for task in groups.tasks], self.bias, groups.sizes)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, masked={self.is_masked}"
