@@ -29,7 +29,8 @@ class HarmoDTConfig(PretrainedConfig):
         context_length: K, the number of steps the policy sees (read by the policy, the trainer's segments and
             :meth:`HarmoDTModel.get_next_action`; the model itself takes sequences of any length).
         prompt_length: number of steps in the task prompt (Prompt-DT).
-        task_names: ordered task names; the task id of a task is its index here.
+        task_names: ordered task names; the task id of a task is its index here. The order is saved with the weights
+            (``from_pretrained`` refuses a ``config.json`` that lists them in another order).
         mask_mode: ``"harmony"`` (HarmoDT, masks updated in training), ``"random"`` (HarmoDT-R, fixed ERK masks) or
             ``"none"`` (no masks: MTDT, or Prompt-DT with ``use_prompt``).
         sparsity: fraction of masked weights switched off per task (S; density is ``1 - S``).

@@ -1,8 +1,10 @@
 """A linear layer seen through one binary mask per task: ``y = x (W ⊙ M_t)ᵀ + b`` for the samples of task ``t``.
 
-The batch reaches a masked layer sorted by task, as contiguous task groups (:class:`TaskGroups`). The readable path,
-:meth:`MaskedLinear.forward`, builds each group's masked weight and runs one ``F.linear`` per group. The two fast paths
-that measurably change what a user waits for live in :mod:`.masked_linear_fast` and are tested equal to it.
+The model sorts a batch by task once (:class:`TaskBatch`), so a masked layer sees contiguous task groups
+(:class:`TaskGroups`). The readable path, :meth:`MaskedLinear.forward`, builds each task's masked weight
+(:class:`MaskedWeights`, which also routes per-task gradients to the trainer's sink) and runs one ``F.linear`` per
+group. The two fast paths that measurably change what a user waits for live in :mod:`.masked_linear_fast` and are
+tested equal to it.
 """
 
 from __future__ import annotations
