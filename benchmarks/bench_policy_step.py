@@ -2,6 +2,7 @@
 
     python benchmarks/bench_policy_step.py --device cuda --tasks mt10 --slots-per-task 25
     python benchmarks/bench_policy_step.py --model runs/bench_eval/train/final --device cuda --profile
+    python benchmarks/bench_policy_step.py --tasks mt10 --slots-per-task 3 --precisions fp32 --compare-weight-cache
 
 ``HarmoDTPolicy.act`` for one wave of a pipelined evaluation (``--slots-per-task`` episodes of every task; MT10 x 25
 is one of the two waves of MT10 x 50), on random observations, after ``--warmup`` steps: the mean time per call
@@ -9,12 +10,16 @@ is one of the two waves of MT10 x 50), on random observations, after ``--warmup`
 (``--drop`` of the slots of every other task ended, as with stop on success). The ratio printed is each case
 against fp32 with equal groups, measured in the same process. ``--profile`` adds a ``torch.profiler`` table of one
 step per case (host time per op and, on a GPU, device time), to see whether a step is bound by the host (op
-dispatch, synchronisations) or by the device.
+dispatch, synchronisations) or by the device. ``--compare-weight-cache`` also times a copy of the model whose policy
+does not keep the masked weights between steps (MaskedLinear's readable path, ``W ⊙ M[t]`` rebuilt at every call),
+alternating with the cached one step by step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import time
 
 import numpy as np
@@ -55,6 +60,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--compare-weight-cache", action="store_true", help="also time the policy without it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
@@ -70,7 +77,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, {args.device}, {args.threads} thread(s), {num_tasks} tasks x {per} slots")
     times = {}
-    for precision in ("fp32", "bf16"):
+    if args.compare_weight_cache:
+        compare_weight_cache(model, slots, args, rng)
+        return
+    for precision in args.precisions.split(","):
         policy = HarmoDTPolicy(model, precision=precision)
         policy.reset(slots)
         for label, active in cases.items():
@@ -94,6 +104,29 @@ def main() -> None:
                 sort = "self_cuda_time_total" if policy.device.type == "cuda" else "self_cpu_time_total"
                 print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=50))
     model.cache_masked_weights(False)
+
+
+def compare_weight_cache(model: HarmoDTModel, slots: list[int], args, rng) -> None:
+    """Alternate policy steps with the masked-weight cache (the default) and without it (a copy of the model)."""
+    readable = copy.deepcopy(model)
+    readable.masked_weights_cached = contextlib.nullcontext  # W ⊙ M[t] built at every forward
+    for precision in args.precisions.split(","):
+        policies = {"cached": HarmoDTPolicy(model, precision), "readable": HarmoDTPolicy(readable, precision)}
+        times = {name: [] for name in policies}
+        for policy in policies.values():
+            policy.reset(slots)
+        for step in range(args.warmup + args.steps):
+            for name, policy in policies.items():
+                obs = rng.normal(size=(len(slots), OBSERVATION_DIM))
+                synchronize(policy.device)
+                start = time.perf_counter()
+                policy.act(obs, np.zeros(len(slots)) if step else None)
+                synchronize(policy.device)
+                if step >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+        cached, plain = (float(np.median(times[name])) for name in policies)
+        print(f"{precision}: cached {1000 * cached:.1f} ms, readable {1000 * plain:.1f} ms per step "
+              f"({plain / cached:.2f}x)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_card_metadata_holds_every_task_and_the_mean(model):
     card = build_model_card(model, results, training_summary=SUMMARY, dataset_repo="me/mt-data", repo_id="me/hdt")
     parsed = ModelCard(str(card))  # round trip through the YAML text
     data = parsed.data
-    assert data.library_name == "harmodt-hf"
+    assert data.library_name == "transformers"
     assert data.pipeline_tag == "reinforcement-learning"
     for tag in ("reinforcement-learning", "meta-world", "harmodt", "decision-transformer", "multi-task"):
         assert tag in data.tags
@@ -110,6 +110,7 @@ def test_card_body_tables_usage_and_citation(model):
     for row in ("| variant | `harmodt-f` |", "| optimizer steps | 123 |", "| seed | 7 |", "round_robin", "`harmony`"):
         assert row in text
     assert "`data/mt`, config `mt3-near-optimal`" in text
+    assert 'AutoModel.from_pretrained("me/hdt", trust_remote_code=True)' in text
     assert 'HarmoDTModel.from_pretrained("me/hdt")' in text
     assert "HarmoDTPolicy(model)" in text and "training/evaluate.py --model me/hdt" in text
     assert "arXiv" in text and "2405.18080" in text and "Hu, Shengchao" in text and "ICML" in text
@@ -117,10 +118,11 @@ def test_card_body_tables_usage_and_citation(model):
 
 
 def test_card_usage_snippet_runs(model, tmp_path, monkeypatch):
-    """The card's Python example works on the written folder (the benchmark call shortened to one short episode)."""
+    """The card's harmodt-hf example works on the written folder (the benchmark call shortened to one short episode;
+    tests/test_remote_code.py runs the transformers-only example)."""
     folder = write_model_folder(model, tmp_path / "m", fake_results())
     text = (folder / "README.md").read_text()
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    code = text.split("```python\n")[2].split("```", 1)[0]
     code = code.replace("path/to/this/model", str(folder)).replace("episodes_per_task=10", "episodes_per_task=1")
     code = code.replace("seed=0)\nprint", "seed=0, max_steps=3, num_workers=0)\nprint")
     namespace: dict = {}

@@ -37,16 +37,14 @@ def test_task_grad_sink_rows_are_set_to_each_tasks_gradient(mode, tasks, task_ro
         assert bool((sink[task] == 7.0).all())  # a task without samples keeps its row
 
 
-# Every way MaskedLinear computes a batch: (group_matmul, implementation, cached inference, gradients, sink).
+# Every way MaskedLinear computes a batch: (group_matmul, cached inference, gradients, sink).
 FORWARD_PATHS = {
     "loop": dict(mode="loop"),
     "one-group": dict(mode="loop", tasks=[1], sizes=[5]),
     "batched": dict(mode="batched", tasks=[2, 0, 1], sizes=[2, 2, 2]),
-    "autograd-implementation": dict(mode="loop", implementation="autograd"),
     "no-grad": dict(mode="loop", grad=False),
     "cached-equal-groups": dict(mode="auto", tasks=[2, 0, 1], sizes=[2, 2, 2], grad=False, cached=True),
     "cached-unequal-groups": dict(mode="auto", grad=False, cached=True),
-    "cached-padded-groups": dict(mode="batched", grad=False, cached=True),
     "sink-loop": dict(mode="loop", sink=True),
     "sink-batched": dict(mode="batched", tasks=[2, 0, 1], sizes=[2, 2, 2], sink=True),
 }
@@ -56,15 +54,15 @@ FORWARD_PATHS = {
 def test_every_path_computes_linear_with_each_samples_masked_weight_and_the_bias(path):
     """Output = F.linear(x_i, W ⊙ M[t_i], b) for every sample i, with a random non-zero bias; with gradients, the
     input, weight and bias gradients equal those of that per-sample formula too (except in the mask-gradient pass,
-    which returns no weight or bias gradient). Tolerance 1e-5: kernels round differently by row count."""
+    which returns no weight gradient). Tolerance 1e-5: kernels round differently by row count."""
     spec = {"tasks": [0, 2, 1, 0], "sizes": [2, 1, 3, 1], "grad": True, "cached": False, "sink": False,
-            "implementation": "recompute", **FORWARD_PATHS[path]}  # fmt: skip
+            **FORWARD_PATHS[path]}  # fmt: skip
     torch.manual_seed(0)
     layer = MaskedLinear(6, 5, num_tasks=3, masked=True)
     torch.nn.init.normal_(layer.weight)
     torch.nn.init.normal_(layer.bias)
     layer.set_task_masks(torch.rand(3, 5, 6) < 0.6)
-    layer.group_matmul, layer.implementation = spec["mode"], spec["implementation"]
+    layer.group_matmul = spec["mode"]
     layer.cache_masked_weights = spec["cached"]
     sample_tasks = [t for t, n in zip(spec["tasks"], spec["sizes"], strict=True) for _ in range(n)]
     x = torch.randn(len(sample_tasks), 3, 6, requires_grad=spec["grad"])
@@ -74,7 +72,7 @@ def test_every_path_computes_linear_with_each_samples_masked_weight_and_the_bias
     with torch.set_grad_enabled(spec["grad"]):
         out = layer(x, groups)
         if spec["cached"]:
-            assert layer._weight_cache, "the cached path was not taken"
+            assert layer.weight_cache.weights, "the cached path was not taken"
             out = layer(x, groups)  # and again on the filled cache
     masks = layer.task_masks()
     expected = torch.stack([F.linear(x[i], layer.weight * masks[t], layer.bias) for i, t in enumerate(sample_tasks)])

@@ -9,11 +9,13 @@ import pytest
 import torch
 from helpers import bool_tensor
 
+from harmodt_hf.model import masks as masks_module
 from harmodt_hf.model.masks import (
     _row_counts,
     erk_densities,
     erk_masks,
     mask_density,
+    mask_overlap_counts,
     merged_mask,
     pack_masks,
     pairwise_iou,
@@ -233,8 +235,7 @@ def test_merged_mask_threshold():
 
 
 def test_row_counts_match_bool_sums_for_any_layout():
-    """Row counts (word trick on 8-byte words, else a byte sum) equal ``bool.sum`` for full, partial-word, sliced and
-    all-true rows."""
+    """Row counts equal ``bool.sum`` for full, sliced, empty and all-true rows."""
     g = torch.Generator().manual_seed(3)
     masks = torch.rand((6, 4096), generator=g) < 0.8
     for tensor in (masks, masks[:, :13], masks[:, 3:67], masks[2:], masks[:, :0], torch.ones(3, 64, dtype=torch.bool)):
@@ -246,18 +247,17 @@ def test_mask_density():
     assert mask_density(masks).tolist() == pytest.approx([4 / 6, 2 / 6])
 
 
-@pytest.mark.parametrize(
-    ("method", "chunk"),
-    [("auto", 1 << 20), ("popcount", 1 << 20), ("int8", 3), ("int8", 1 << 20), ("float", 3), ("float", 1 << 20)],
-)
-def test_pairwise_iou_brute_force(method, chunk):
+@pytest.mark.parametrize("columns", [3, 1 << 24], ids=["3-column-chunks", "one-chunk"])
+def test_pairwise_iou_brute_force(columns, monkeypatch):
+    """IoU of every pair against a Python count, also when the Gram matmuls run over chunks of 3 columns."""
+    monkeypatch.setattr(masks_module, "_GRAM_COLUMNS", columns)
     g = torch.Generator().manual_seed(5)
     masks = {"w": torch.rand(6, 7, 5, generator=g) < 0.5, "b": torch.rand(6, 11, generator=g) < 0.3}
     masks["w"][4] = False  # an empty-ish task
     masks["b"][4] = False
     masks["w"][5] = masks["w"][0]
     masks["b"][5] = masks["b"][0]
-    iou = pairwise_iou(masks, chunk=chunk, method=method)
+    iou = pairwise_iou(masks)
     flat = torch.cat([masks["w"].reshape(6, -1), masks["b"]], 1).tolist()
     for i in range(6):
         for j in range(6):
@@ -268,15 +268,12 @@ def test_pairwise_iou_brute_force(method, chunk):
     assert iou[0, 5] == 1.0 and iou[4, 4] == 1.0 and iou[4, 0] == 0.0
 
 
-def test_pairwise_iou_methods_agree_exactly_and_refuse_an_unknown_one(monkeypatch):
-    """Every counting method gives the same IoU (row lengths off the 64-bit word size included), also the byte-table
-    popcount used with numpy < 2."""
-    g = torch.Generator().manual_seed(6)
-    masks = {"a": torch.rand(5, 33, 31, generator=g) < 0.4, "b": torch.rand(5, 4096, generator=g) < 0.7}
-    expected = pairwise_iou(masks, method="float")
-    for method in ("auto", "popcount", "int8"):
-        assert torch.equal(pairwise_iou(masks, method=method), expected), method
-    monkeypatch.delattr(np, "bitwise_count", raising=False)
-    assert torch.equal(pairwise_iou(masks, method="popcount"), expected)
-    with pytest.raises(ValueError, match="method must be one of"):
-        pairwise_iou(masks, method="bits")
+def test_mask_overlap_counts_are_exact_integers_beyond_float32_precision():
+    """Counts above 2**24 (where float32 stops counting ones exactly) come out exact: the diagonal is each task's
+    number of kept weights, the off-diagonal the weights both tasks keep."""
+    masks = {"big": torch.ones(2, (1 << 24) + 3, dtype=torch.bool), "small": bool_tensor([[1, 0, 1], [1, 1, 0]])}
+    masks["big"][1, :5] = False
+    counts = mask_overlap_counts(masks)
+    big = (1 << 24) + 3
+    assert counts.dtype == torch.float64
+    assert counts.tolist() == [[big + 2, big - 5 + 1], [big - 5 + 1, big - 5 + 2]]

@@ -193,22 +193,22 @@ def test_policy_builds_the_masked_weights_once_and_acts_on_the_last_action_only(
             policy.reset(tasks)
             actions[last_only] = [policy.act(o.repeat(2, 0)[:3], None if i == 0 else [1.0] * 3) for i, o in
                                   enumerate(obs)]  # fmt: skip
-            assert layer._weight_cache and not layer.cache_masked_weights  # built, kept, flag restored
+            assert layer.weight_cache.weights and not layer.cache_masked_weights  # built, kept, flag restored
     finally:
         hook.remove()
     assert [c["last_action_only"] for c in calls] == [True] * 3 + [False] * 3
     for last_only, full in zip(actions[True], actions[False], strict=True):
         np.testing.assert_allclose(last_only, full, atol=1e-6)
-    cache = layer._weight_cache
+    cache = layer.weight_cache.weights
     for precision in ("bf16", "fp32"):  # the cached bias and weights follow the compute dtype
         policy = HarmoDTPolicy(model, precision=precision)
         policy.reset(tasks)
         assert policy.act(obs[0].repeat(2, 0)[:3]).shape == (3, 4)
-    assert layer._weight_cache is not cache
+    assert layer.weight_cache.weights is not cache
     inputs = random_inputs(model.config, [0, 1], seed=1)
     with torch.no_grad():
         model(**inputs)
-    assert not layer._weight_cache  # a forward outside the policy drops the masked copies
+    assert not layer.weight_cache.weights  # a forward outside the policy drops the masked copies
 
 
 def test_policy_bad_inputs(model):

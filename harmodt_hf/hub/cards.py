@@ -1,8 +1,9 @@
 """Model cards: the Hub card (YAML metadata with one eval result per task + Markdown body), mask figures, and the
 Hub-ready model folder (weights, card, figures, results JSON).
 
-The card's ``library_name`` is ``harmodt-hf``, not ``transformers``: loading needs ``import harmodt_hf`` (it registers
-the ``harmodt`` model type), so the Hub's generic transformers snippet would not work on its own.
+The card's ``library_name`` is ``transformers``: ``save_pretrained`` writes the modelling code and an ``auto_map`` into
+the folder, so ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` loads the model without harmodt-hf, and the
+card's first usage snippet (tested as printed) does just that.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from harmodt_hf.model.masks import mask_density, pairwise_iou
+from harmodt_hf.model.masks import mask_density, mask_overlap_counts, pairwise_iou
 from harmodt_hf.tasks import TASK_SETS
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md.j2"
-LIBRARY_NAME = "harmodt-hf"
+LIBRARY_NAME = "transformers"
 TAGS = ["reinforcement-learning", "meta-world", "harmodt", "decision-transformer", "multi-task", "offline-rl"]
 FIGURE_KEYS = ("success", "mask_overlap", "mask_embedding", "video")
 FIGURE_FILES = {
@@ -113,18 +114,6 @@ def _require_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
-def _mask_gram(masks: Mapping[str, torch.Tensor], chunk: int = 1 << 22) -> torch.Tensor:
-    """``X Xᵀ`` of the flattened 0/1 task masks ``X`` (T × N), float64; exact (float32 sums of ≤ 2**24 ones)."""
-    num_tasks = next(iter(masks.values())).shape[0]
-    gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
-    for mask in masks.values():
-        flat = mask.reshape(num_tasks, -1)
-        for start in range(0, flat.shape[1], chunk):
-            block = flat[:, start : start + chunk].to(torch.float32)
-            gram += (block @ block.T).to(torch.float64).cpu()
-    return gram
-
-
 def mask_embedding(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """2-D PCA of the task masks: ``(coords (T, 2), explained variance ratio (2,))``.
 
@@ -133,7 +122,7 @@ def mask_embedding(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     MT50 model has millions of masked weights per task. Each component's sign is fixed so that its largest
     coordinate (in absolute value) is positive.
     """
-    gram = _mask_gram(_require_masks(model))
+    gram = mask_overlap_counts(_require_masks(model)).cpu()
     num_tasks = gram.shape[0]
     centre = torch.eye(num_tasks, dtype=torch.float64) - 1.0 / num_tasks
     centred = centre @ gram @ centre
@@ -345,7 +334,7 @@ def build_model_card(
     config = model.config
     template_path = Path(template_path)
     if not template_path.is_file():
-        raise FileNotFoundError(f"Model card template {template_path} is missing (it ships in model_cards/).")
+        raise FileNotFoundError(f"Model card template {template_path} is missing (it ships in harmodt_hf/hub/templates/).")
     variant = _variant(model, training_summary)
     label, note = VARIANT_LABELS[variant]
     set_name = _task_set_name(tasks)

@@ -26,9 +26,11 @@ class HarmoDTConfig(PretrainedConfig):
         layer_norm_epsilon: LayerNorm epsilon.
         initializer_range: std of the N(0, σ) init of the transformer body.
         max_ep_len: number of timestep embeddings; timesteps must be ``< max_ep_len``.
-        context_length: K, the number of steps the policy sees.
+        context_length: K, the number of steps the policy sees (read by the policy, the trainer's segments and
+            :meth:`HarmoDTModel.get_next_action`; the model itself takes sequences of any length).
         prompt_length: number of steps in the task prompt (Prompt-DT).
-        task_names: ordered task names; the task id of a task is its index here.
+        task_names: ordered task names; the task id of a task is its index here. The order is saved with the weights
+            (``from_pretrained`` refuses a ``config.json`` that lists them in another order).
         mask_mode: ``"harmony"`` (HarmoDT, masks updated in training), ``"random"`` (HarmoDT-R, fixed ERK masks) or
             ``"none"`` (no masks: MTDT, or Prompt-DT with ``use_prompt``).
         sparsity: fraction of masked weights switched off per task (S; density is ``1 - S``).
@@ -38,9 +40,15 @@ class HarmoDTConfig(PretrainedConfig):
         target_returns: per-task target return (unscaled) used when acting; defaults to 4500 for every task.
         state_mean / state_std: per-task observation mean and std (lists of ``state_dim`` floats per task) used to
             normalise observations; default 0 / 1.
+
+    ``context_length``, ``target_returns``, ``state_mean`` and ``state_std`` are not read by ``forward`` (it takes
+    normalised states and scaled returns-to-go): they travel with the model for acting (the policy,
+    :meth:`HarmoDTModel.get_next_action`) and for training. ``num_attention_heads`` and ``num_hidden_layers`` are the
+    transformers names of ``n_head`` and ``n_layer``.
     """
 
     model_type = "harmodt"
+    attribute_map = {"num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 
     def __init__(
         self,

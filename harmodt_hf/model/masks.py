@@ -6,7 +6,8 @@ themselves, with no I/O, no distributed code and no model classes (the outer loo
 
 * ERK initialisation: :func:`erk_densities`, :func:`erk_masks`;
 * storage: :func:`pack_masks`, :func:`unpack_masks`;
-* statistics: :func:`mask_density`, :func:`pairwise_iou`, and the unseen-task :func:`merged_mask`.
+* statistics: :func:`mask_density`, :func:`mask_overlap_counts`, :func:`pairwise_iou`, and the unseen-task
+  :func:`merged_mask`.
 
 Conventions: masks are dicts ``name -> bool tensor (num_tasks, *param_shape)``; parameters are dicts
 ``name -> tensor (*param_shape)``; per-task gradients and scores are dicts ``name -> tensor (num_tasks,
@@ -17,17 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal, get_args
 
-import numpy as np
 import torch
-
-from harmodt_hf.cpu_features import has_amx
 
 __all__ = [
     "erk_densities",
     "erk_masks",
     "mask_density",
+    "mask_overlap_counts",
     "merged_mask",
     "pack_masks",
     "pairwise_iou",
@@ -158,22 +156,12 @@ def pack_masks(masks: torch.Tensor) -> torch.Tensor:
     if masks.dim() < 1:
         raise ValueError("pack_masks expects a tensor with a leading task dimension, got a 0-d tensor")
     rows = masks.shape[0]
-    flat = masks.reshape(rows, -1).to(torch.bool)
-    numel = flat.shape[1]
-    nbytes = (numel + 7) // 8
-    pad = nbytes * 8 - numel
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
-    flat = flat.contiguous()
-    if flat.storage_offset() % 8 == 0:
-        # Eight 0/1 bytes read as one little-endian int64 word w: in w * 0x0102040810204080, byte b's bit lands on
-        # bit 56 + b and every other product below bit 56 (at distinct positions, so without carries) or beyond 63.
-        words = flat.view(torch.uint8).view(torch.int64)
-        packed = words.mul(0x0102040810204080).bitwise_right_shift_(56).bitwise_and_(0xFF)
-        return packed.to(torch.uint8)
-    weights = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=flat.device)
+    bits = masks.reshape(rows, -1).to(torch.bool).to(torch.uint8)
+    nbytes = (bits.shape[1] + 7) // 8
+    bits = torch.nn.functional.pad(bits, (0, nbytes * 8 - bits.shape[1]))
+    weights = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=bits.device)
     # one multiply and a uint8 sum per byte (exact: the sum of distinct bit values is at most 255)
-    return (flat.contiguous().view(torch.uint8).view(rows, nbytes, 8) * weights).sum(dim=-1, dtype=torch.uint8)
+    return (bits.view(rows, nbytes, 8) * weights).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_masks(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
@@ -200,7 +188,7 @@ def unpack_masks(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small helpers
+# Counts and statistics
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -223,18 +211,7 @@ def _check_same_layout(ref: Mapping[str, torch.Tensor], other: Mapping[str, torc
 
 
 def _row_counts(flat: torch.Tensor) -> torch.Tensor:
-    """Number of True entries per row of a ``(T, N)`` bool tensor, int64.
-
-    When a row's bytes fill whole 8-byte words, each word's eight 0/1 bytes are summed by one multiplication
-    (``word * 0x0101010101010101 >> 56``: the top byte collects the sum, at most 8) and the words are summed: ~6x
-    faster on CPU than an int32 sum of the uint8 view, itself several times faster than ``bool.sum``."""
-    flat = flat.contiguous()
-    num_rows, n = flat.shape
-    if n and n % 8 == 0 and flat.storage_offset() % 8 == 0:
-        words = flat.view(torch.uint8).view(torch.int64)
-        return words.mul(0x0101010101010101).bitwise_right_shift_(56).sum(dim=1)
-    if n < 2**31:
-        return flat.view(torch.uint8).sum(dim=1, dtype=torch.int32).to(torch.int64)
+    """Number of True entries per row of a ``(T, N)`` bool tensor, int64."""
     return flat.sum(dim=1, dtype=torch.int64)
 
 
@@ -246,81 +223,31 @@ def mask_density(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return active.to(torch.float64) / total
 
 
-IouMethod = Literal["auto", "popcount", "int8", "float"]
-IOU_METHODS = get_args(IouMethod)
+_GRAM_COLUMNS = 1 << 24  # float32 sums of at most 2**24 ones are exact
 
 
-def pairwise_iou(
-    masks: Mapping[str, torch.Tensor],
-    chunk: int = 1 << 20,
-    method: IouMethod = "auto",
-) -> torch.Tensor:
-    """Intersection over union of the flattened task masks, ``(T, T)`` float64. Two empty masks have IoU 1.
-
-    The intersections are exact integer counts whatever the ``method``:
-
-    * ``"popcount"``: bit-packed masks, ``AND`` and a population count per pair of tasks (numpy); the CPU default
-      without AMX (~0.3 s for 50 tasks at the paper size on an AVX2 EPYC, where the int8 matmul took 13 s);
-    * ``"int8"``: int8 Gram matmuls with int32 sums; the CPU default with AMX (~10x faster than float32 there);
-    * ``"float"``: float32 Gram matmuls of 0/1 column chunks of at most ``chunk`` (≤ 2**24) columns, accumulated in
-      float64; the default off the CPU.
-    """
-    if not 0 < chunk <= 1 << 24:
-        raise ValueError(f"chunk must be in [1, 2**24], got {chunk}")
-    if method not in IOU_METHODS:
-        raise ValueError(f"method must be one of {IOU_METHODS}, got {method!r}")
+def mask_overlap_counts(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``(T, T)`` float64: how many weights tasks i and j both keep, over all masks (the Gram matrix ``X Xᵀ`` of the
+    flattened 0/1 task masks; its diagonal is each task's count). Exact: float32 matmuls over at most 2**24 columns
+    at a time, summed in float64."""
     num_tasks = _num_tasks(masks, "masks")
     device = next(iter(masks.values())).device
-    if method == "auto":
-        method = "float" if device.type != "cpu" else "int8" if has_amx() else "popcount"
-    inter = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
     with torch.autocast(device.type, enabled=False):  # a bf16/fp16 matmul would not be exact
-        for m in masks.values():
-            flat = m.reshape(num_tasks, -1).to(torch.bool)
-            if method == "popcount":
-                inter += _popcount_gram(flat).to(device=device, dtype=torch.float64)
-                continue
-            for start in range(0, flat.shape[1], chunk):
-                inter += _gram_counts(flat[:, start : start + chunk], method == "int8").to(torch.float64)
+        for mask in masks.values():
+            flat = mask.reshape(num_tasks, -1)
+            for start in range(0, flat.shape[1], _GRAM_COLUMNS):
+                block = flat[:, start : start + _GRAM_COLUMNS].to(torch.float32)
+                counts += (block @ block.T).to(torch.float64)
+    return counts
+
+
+def pairwise_iou(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Intersection over union of the flattened task masks, ``(T, T)`` float64. Two empty masks have IoU 1."""
+    inter = mask_overlap_counts(masks)
     counts = inter.diagonal()  # |M_i ∩ M_i| = |M_i|
     union = counts[:, None] + counts[None, :] - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
-
-
-def _popcount_gram(flat: torch.Tensor) -> torch.Tensor:
-    """``B Bᵀ`` of a ``(T, n)`` bool tensor as int64 counts: rows bit-packed (:func:`pack_masks`, zero padding), then
-    per task i the population count of ``row_i AND row_j`` for j ≥ i, in 64-bit words."""
-    packed = pack_masks(flat.cpu())
-    packed = torch.nn.functional.pad(packed, (0, -packed.shape[1] % 8))  # whole 64-bit words
-    words = packed.numpy().view(np.uint64)
-    num_tasks = words.shape[0]
-    out = np.zeros((num_tasks, num_tasks), dtype=np.int64)
-    for i in range(num_tasks):
-        out[i, i:] = _popcount(words[i : i + 1] & words[i:]).sum(axis=1, dtype=np.int64)
-    return torch.from_numpy(out + np.triu(out, 1).T)
-
-
-def _popcount(words: np.ndarray) -> np.ndarray:
-    """Set bits per entry of a uint64 array: ``np.bitwise_count`` (numpy ≥ 2), else a byte lookup table."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(words)
-    return _BYTE_POPCOUNT[words.view(np.uint8)].reshape(*words.shape, 8).sum(axis=-1, dtype=np.int64)
-
-
-_BYTE_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1, dtype=np.uint8)
-
-
-def _gram_counts(block: torch.Tensor, int8: bool) -> torch.Tensor:
-    """``B Bᵀ`` of a ``(T, n)`` bool block (n ≤ 2**24), exact: int8 matmul with int32 sums (given ``Bᵀ`` as a
-    transposed view: a contiguous copy of it took 9x the matmul's time on the AMX CPU) or float32."""
-    if int8 and block.device.type == "cpu" and hasattr(torch, "_int_mm"):
-        as_int8 = block.contiguous().view(torch.int8)
-        try:
-            return torch._int_mm(as_int8, as_int8.T)
-        except RuntimeError:  # shapes the int8 kernel does not take
-            pass
-    as_float = block.view(torch.uint8).to(torch.float32)
-    return as_float @ as_float.T
 
 
 def merged_mask(masks: Mapping[str, torch.Tensor], threshold: int) -> dict[str, torch.Tensor]:
