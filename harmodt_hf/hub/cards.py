@@ -334,7 +334,9 @@ def build_model_card(
     config = model.config
     template_path = Path(template_path)
     if not template_path.is_file():
-        raise FileNotFoundError(f"Model card template {template_path} is missing (it ships in harmodt_hf/hub/templates/).")
+        raise FileNotFoundError(
+            f"Model card template {template_path} is missing (it ships in the package: harmodt_hf/hub/templates)."
+        )
     variant = _variant(model, training_summary)
     label, note = VARIANT_LABELS[variant]
     set_name = _task_set_name(tasks)
