@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datasets.data_files import resolve_pattern, sanitize_patterns
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard
 
 from harmodt_hf.data.schema import EPISODE_FEATURES
 from harmodt_hf.data.validation import open_shard
@@ -143,6 +146,30 @@ def shard_is_complete(path: Path, expected_rows: int) -> bool:
             "pass --overwrite to regenerate the dataset."
         )
     return True
+
+
+def config_files(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Each config of the folder's README.md ``configs:`` -> the files (POSIX, relative to ``folder``) its
+    ``data_files`` patterns resolve to, by the rules of ``datasets.load_dataset``; ``{}`` without configs.
+
+    ``FileNotFoundError`` names a pattern that matches no file.
+    """
+    folder = Path(folder).resolve()
+    readme = folder / "README.md"
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data) if readme.is_file() else {}
+    files: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        files[name] = []
+        for patterns in sanitize_patterns(config.get("data_files", [])).values():
+            for pattern in patterns:
+                try:
+                    found = resolve_pattern(pattern, str(folder))
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"{readme}: config {name!r} reads data_files {pattern!r}, which match no file in {folder}"
+                    ) from None
+                files[name] += [Path(path).relative_to(folder).as_posix() for path in found]
+    return files
 
 
 def complete_tasks(root: str | os.PathLike) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_dataset
 
-from harmodt_hf.data.folder import describe_partial
+from harmodt_hf.data.folder import config_files, describe_partial
 from harmodt_hf.data.schema import (
     EPISODE_FEATURES,
     QUALITIES,
@@ -39,43 +39,6 @@ __all__ = [
 ]
 
 
-def _local_configs(folder: Path) -> dict[str, list[str]] | None:
-    """Config name -> its data file patterns, as declared in a local folder's README YAML; ``None`` if none."""
-    readme = folder / "README.md"
-    if not readme.is_file():
-        return None
-    import yaml
-
-    text = readme.read_text(encoding="utf-8")
-    if not text.startswith("---"):
-        return None
-    header = text.split("---", 2)[1]
-    meta = yaml.safe_load(header) or {}
-    configs = meta.get("configs")
-    if not configs:
-        return None
-    out = {}
-    for entry in configs:
-        data_files = entry.get("data_files") or []
-        data_files = data_files if isinstance(data_files, list) else [data_files]
-        patterns = []
-        for item in data_files:
-            paths = item.get("path", []) if isinstance(item, dict) else item
-            patterns += [paths] if isinstance(paths, str) else list(paths)
-        out[entry["config_name"]] = patterns
-    return out
-
-
-def _check_local_shards(folder: Path, patterns: list[str]) -> None:
-    """Check every parquet file the config reads (schema, episode lengths, finite values), naming a bad one."""
-    for pattern in patterns:
-        files = sorted(folder.glob(pattern))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no file matches {pattern!r}, which its README.md configs list.")
-        for path in files:
-            check_shard(path)
-
-
 def load_metaworld_dataset(path_or_repo_id: str | os.PathLike, config: str, split: str = "train", **kwargs) -> Dataset:
     """Load one config (e.g. ``"mt10-near-optimal"``) of a Meta-World episode dataset with ``datasets.load_dataset``.
 
@@ -90,16 +53,16 @@ def load_metaworld_dataset(path_or_repo_id: str | os.PathLike, config: str, spli
         partial = describe_partial(local)
         if partial is not None:
             raise ValueError(partial)
-        configs = _local_configs(local)
-        if configs is None:
+        configs = config_files(local)
+        if not configs:
             raise ValueError(
                 f"{local} has no README.md with a `configs:` section; it is not a dataset folder written by "
                 "harmodt-generate-data or harmodt-convert-official."
             )
         if config not in configs:
             raise ValueError(f"Config {config!r} is not in {local}. Available configs: {', '.join(configs)}.")
-        _check_local_shards(local, configs[config])
-        path_or_repo_id = str(local)
+        for path in configs[config]:
+            check_shard(local / path)
     ds = load_dataset(str(path_or_repo_id), config, split=split, **kwargs)
     check_episode_schema(ds)
     if not local.is_dir():
