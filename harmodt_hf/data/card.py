@@ -176,20 +176,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def render_card(stats: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
+def render_card(stats: dict) -> str:
     """The README body (Markdown) from the Jinja template."""
     import jinja2
 
-    template_path = Path(template_path)
-    if not template_path.is_file():
-        raise FileNotFoundError(
-            f"Dataset card template {template_path} is missing (it ships in harmodt_hf/hub/templates)."
-        )
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(template_path.parent),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     tasks = stats["tasks"]
     rows = []
     for name, members in _config_groups(list(tasks)):
@@ -197,7 +188,7 @@ def render_card(stats: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
         for quality in QUALITIES:
             episodes = sum(tasks[t][quality]["num_episodes"] for t in members)
             rows.append({"name": f"{name}-{quality}", "tasks": label, "episodes": episodes})
-    return env.get_template(template_path.name).render(
+    return env.from_string(TEMPLATE_PATH.read_text(encoding="utf-8")).render(
         stats=stats,
         generation=stats["generation"],
         tasks=tasks,

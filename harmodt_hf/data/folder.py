@@ -39,13 +39,13 @@ _TMP_SUFFIX = ".tmp"
 
 def shard_path(root: str | os.PathLike, task: str, half: str) -> Path:
     """``root/data/<task>/<half>.parquet``."""
-    if half not in HALVES:
-        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
-    return Path(root) / "data" / task / f"{half}.parquet"
+    return Path(root) / shard_relpath(task, half)
 
 
 def shard_relpath(task: str, half: str) -> str:
     """The shard's path relative to the dataset root, with forward slashes (as README ``data_files`` need)."""
+    if half not in HALVES:
+        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
     return f"data/{task}/{half}.parquet"
 
 
@@ -89,15 +89,11 @@ def episodes_to_table(episodes: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(columns).cast(EPISODE_FEATURES.arrow_schema)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-
-
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path``, then rename it into place."""
+    """Write ``data`` to a hidden temporary file beside ``path``, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -109,18 +105,10 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write ``table`` as parquet to a hidden temporary file, fsync it, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``table`` as parquet to ``path`` with :func:`write_bytes_atomic` (no partial shard is ever visible)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_SIZE)
+    write_bytes_atomic(buffer.getvalue().to_pybytes(), path)
 
 
 def remove_stale_temporaries(root: str | os.PathLike, tasks: list[str]) -> int:

@@ -240,31 +240,22 @@ def _task_set_name(tasks: list[str]) -> str | None:
 def _eval_metadata(tasks: list[str], eval_results: Mapping[str, Any]) -> list[EvalResult]:
     """One model-index result per task (success rate in %) plus the mean over tasks."""
     set_name = _task_set_name(tasks)
-    common = dict(task_type="reinforcement-learning", task_name="Multi-task offline reinforcement learning")
-    results = [
+    mean_name = f"Meta-World {set_name.upper()}" if set_name else f"Meta-World ({len(tasks)} tasks)"
+    rows = [(mean_name, set_name or "all-evaluated-tasks", "mean_success_rate", eval_results["mean_success_rate"])]
+    rows += [(f"Meta-World {t}", t, "success_rate", eval_results["per_task"][t]["success_rate"]) for t in tasks]
+    return [
         EvalResult(
-            **common,
+            task_type="reinforcement-learning",
+            task_name="Multi-task offline reinforcement learning",
             dataset_type="metaworld",
-            dataset_name=f"Meta-World {set_name.upper()}" if set_name else f"Meta-World ({len(tasks)} tasks)",
-            dataset_config=set_name or "all-evaluated-tasks",
-            metric_type="mean_success_rate",
-            metric_name="mean success rate (%)",
-            metric_value=round(100.0 * float(eval_results["mean_success_rate"]), 2),
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            metric_type=metric,
+            metric_name=metric.replace("_", " ") + " (%)",
+            metric_value=round(100.0 * float(rate), 2),
         )
+        for dataset_name, dataset_config, metric, rate in rows
     ]
-    for task in tasks:
-        results.append(
-            EvalResult(
-                **common,
-                dataset_type="metaworld",
-                dataset_name=f"Meta-World {task}",
-                dataset_config=task,
-                metric_type="success_rate",
-                metric_name="success rate (%)",
-                metric_value=round(100.0 * float(eval_results["per_task"][task]["success_rate"]), 2),
-            )
-        )
-    return results
 
 
 def _success_count(entry: Mapping[str, Any]) -> int:
@@ -318,7 +309,6 @@ def build_model_card(
     figures: Mapping[str, str] | None = None,
     repo_id: str | None = None,
     license: str = "apache-2.0",
-    template_path: str | Path = TEMPLATE_PATH,
 ) -> ModelCard:
     """The model card: metadata (tags, datasets, model-index with one success-rate result per task plus the mean)
     and a body with the results table, mask statistics, training settings, usage and citation.
@@ -332,11 +322,6 @@ def build_model_card(
     tasks = check_eval_results(model, eval_results)
     figures = _check_figures(figures)
     config = model.config
-    template_path = Path(template_path)
-    if not template_path.is_file():
-        raise FileNotFoundError(
-            f"Model card template {template_path} is missing (it ships in the package: harmodt_hf/hub/templates)."
-        )
     variant = _variant(model, training_summary)
     label, note = VARIANT_LABELS[variant]
     set_name = _task_set_name(tasks)
@@ -381,7 +366,7 @@ def build_model_card(
         eval_results=_eval_metadata(tasks, eval_results),
     )
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    template = env.from_string(template_path.read_text(encoding="utf-8"))
+    template = env.from_string(TEMPLATE_PATH.read_text(encoding="utf-8"))
     content = template.render(
         card_data=card_data.to_yaml(),
         title=f"{label} on Meta-World {set_name.upper() if set_name else f'({len(tasks)} tasks)'}",
