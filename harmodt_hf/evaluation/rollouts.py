@@ -4,10 +4,7 @@ Protocol of :func:`evaluate` (the official one): episode ``e`` of a task uses go
 lasts at most 500 steps, and succeeds when ``info['success']`` is set at any step; the return-to-go starts at the
 model config's target return for the task and is decremented by every reward. All running episodes of all tasks are
 advanced together with one policy call per step, while the environments step in worker processes.
-
-The policy lives in :mod:`.policy` and the environments in :mod:`.workers`; their public names
-(:class:`HarmoDTPolicy`, :class:`EpisodeSpec`, :func:`episode_reset_seed`, :func:`write_video`, ...) are re-exported
-here.
+The policy lives in :mod:`.policy` and the environments in :mod:`.workers` (their public names are re-exported here).
 """
 
 from __future__ import annotations
@@ -127,7 +124,8 @@ def _rollout(
 
     def receive(wave: _Wave) -> None:
         started = time.perf_counter()
-        results, wave.ticket = envs.receive_step(wave.ticket), None
+        (results, videos), wave.ticket = envs.receive_step(wave.ticket), None
+        out.videos.update(videos)
         out.env_wait_s += time.perf_counter() - started
         for i in wave.active:
             observations[i], rewards[i], success, done = results[i]
@@ -208,16 +206,11 @@ def evaluate(
         worker_timeout: seconds to wait for a worker's reply before reporting it as stuck.
         start_method: multiprocessing start method of the workers.
         torch_threads: torch CPU threads during the rollouts (restored afterwards); ``None`` leaves them as they are.
-            With 1 thread the actions of an episode were bit-identical whatever else was in the batch on an AMX
-            Xeon; on an AVX2 EPYC small matmuls round differently with the row count (~1e-7 per step, ≤ 1e-4 after
-            40 steps measured). With more threads the CPU matmul kernels can change the last bits (~3e-7 measured at
-            batch 30) and the simulator can amplify that over an episode. 1 is also much faster on a machine whose
-            cores are already busy.
-        precision: ``"fp32"`` (default, as the official evaluation) or ``"bf16"``: the policy's forward then runs under
-            ``torch.autocast(device, torch.bfloat16)`` with the masked weights cast to bf16 once (see
-            :class:`HarmoDTPolicy`). About twice as fast per step on a CPU with AMX at the paper size; actions differ
-            from fp32 ones in the third significant digit, which can change individual episodes. Episodes, seeds
-            and result keys are the same either way; the results record the precision.
+            With more than one thread the CPU matmul kernels can change the last bits of an action, which the
+            simulator can amplify over an episode (measurements in benchmarks/RESULTS.md).
+        precision: ``"fp32"`` (default, as the official evaluation) or ``"bf16"`` (the policy's forward under
+            ``torch.autocast``, see :class:`HarmoDTPolicy`): actions then differ from fp32 ones in the third
+            significant digit, which can change individual episodes. The results record the precision.
         pipeline: split the episodes into two waves owned by different env workers and let the policy act for one
             wave while the other's environments step (``None``: on when there are at least two workers). Every
             episode gets the same actions either way; it saves the time the policy would wait for the envs.

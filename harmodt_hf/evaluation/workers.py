@@ -141,13 +141,10 @@ class _EnvSet:
 
 
 def _prepare_rendering(env) -> None:
-    """Offscreen RGB rendering (EGL unless ``MUJOCO_GL`` says otherwise) without shadows or multisampling.
-
-    Under software EGL (Mesa llvmpipe, what a machine without a GPU has) shadows dominate the cost: about 0.35 s per
-    480x480 frame with them, 0.05 s without.
-    """
+    """Offscreen RGB rendering (EGL unless ``MUJOCO_GL`` says otherwise) without shadows or multisampling (shadows
+    cost ~7x per frame under software EGL)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    env.render_mode = "rgb_array"
+    env.unwrapped.render_mode = "rgb_array"
     quality = env.unwrapped.model.vis.quality
     quality.shadowsize = 0
     quality.offsamples = 0
@@ -198,16 +195,12 @@ class LocalEnvs:
         """In-process envs step one after another: there is nothing to overlap, so one wave of every episode."""
         return [[spec.index for spec in self.specs]]
 
-    def step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
-        if finish:
-            self.finish(finish, successes or {})
-        return self._call(lambda: self.envs.step(actions))
+    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int], successes: dict[int, bool]) -> tuple:
+        """Close ``finish`` and step now (there are no workers); :meth:`receive_step` hands the results back."""
+        videos = self.finish(finish, successes)
+        return self._call(lambda: self.envs.step(actions)), videos
 
-    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
-        """Step now (there are no workers); :meth:`receive_step` hands the results back."""
-        return self.step(actions, finish, successes)
-
-    def receive_step(self, ticket: dict) -> dict:
+    def receive_step(self, ticket: tuple) -> tuple[dict, dict[int, str]]:
         return ticket
 
     def finish(self, indices: Sequence[int], successes: dict[int, bool]) -> dict[int, str]:
@@ -271,9 +264,8 @@ class WorkerEnvs:
         context = mp.get_context(start_method)
         if start_method == "forkserver":
             context.set_forkserver_preload(["harmodt_hf.evaluation.workers", "metaworld"])
-        # Whole tasks go round-robin to workers (each worker reads the goals and compiles the MuJoCo model of its own
-        # tasks only); with fewer tasks than workers, episodes go round-robin instead (contiguous runs of episodes
-        # were tried: with stop_on_success the episodes of hard tasks then run on on few workers, 2x slower per step).
+        # Whole tasks go round-robin to workers (each builds the goals and MuJoCo models of its own tasks only); with
+        # fewer tasks than workers, episodes go round-robin (so the long episodes of a hard task are spread out).
         tasks = list(dict.fromkeys(spec.task for spec in self.specs))
         if len(tasks) >= num_workers:
             self.owned = [[s for s in self.specs if tasks.index(s.task) % num_workers == w] for w in range(num_workers)]
@@ -347,13 +339,9 @@ class WorkerEnvs:
             observations.update(reply)
         return observations
 
-    def step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
-        return self.receive_step(self.send_step(actions, finish, successes))
-
-    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> list[int]:
+    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int], successes: dict[int, bool]) -> list:
         """Send one step of the given episodes to their workers (and close ``finish``); returns the ticket for
         :meth:`receive_step`. Until then the workers step while this process goes on."""
-        successes = successes or {}
         per_worker: dict[int, tuple[dict, list, dict]] = {}
         for index, action in actions.items():
             per_worker.setdefault(self.owner[index], ({}, [], {}))[0][index] = action
@@ -363,13 +351,15 @@ class WorkerEnvs:
             entry[2][index] = successes.get(index, False)
         return self._send({w: ("step", *entry) for w, entry in per_worker.items()})
 
-    def receive_step(self, ticket: list[int]) -> dict:
-        """``{index: (obs, reward, success, done)}`` of the step sent with ``ticket``."""
-        results = {}
+    def receive_step(self, ticket: list[int]) -> tuple[dict, dict[int, str]]:
+        """``{index: (obs, reward, success, done)}`` of the step sent with ``ticket``, and the videos of the episodes
+        it closed."""
+        results, videos = {}, {}
         for worker in ticket:
-            step_results, _videos = self._receive(worker)
+            step_results, closed = self._receive(worker)
             results.update(step_results)
-        return results
+            videos.update(closed)
+        return results, videos
 
     def finish(self, indices: Sequence[int], successes: dict[int, bool]) -> dict[int, str]:
         per_worker: dict[int, list[int]] = {}
