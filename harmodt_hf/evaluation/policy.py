@@ -31,26 +31,18 @@ class HarmoDTPolicy:
     from the model's config: state mean/std, ``target_returns``, ``return_scale`` and the stored prompts.
 
     The policy does not change the model's train/eval mode: call ``model.eval()`` first (``evaluate`` does). It acts
-    inside ``model.masked_weights_cached()``: each task's masked weights ``W ⊙ M[t]`` are built once and kept in the
-    model between steps (≈ 19 MB per task in float32 at the paper size) until another forward or
-    ``model.cache_masked_weights(False)`` drops them, and every sample runs through the same kernels whatever else is
-    in the batch.
+    inside ``model.masked_weights_cached()``: each task's masked weights ``W ⊙ M[t]`` are built once and kept until
+    another forward or ``model.cache_masked_weights(False)`` drops them.
 
     ``precision="fp32"`` (the default, as the official evaluation) runs the model in its own dtype with autocast off;
-    ``"bf16"`` runs its forward under ``torch.autocast(device_type, torch.bfloat16)`` (about twice as fast per step
-    on a CPU with AMX at the paper size; actions then differ from fp32 ones in the third significant digit). Either
-    way the context window is kept in the model's dtype and :meth:`act` returns float32 actions.
+    ``"bf16"`` runs its forward under ``torch.autocast(device_type, torch.bfloat16)``. Either way the context window
+    is kept in the model's dtype and :meth:`act` returns float32 actions.
 
     ``cache_prompt=True`` (the default) encodes each task's prompt once per episode
-    (:meth:`~harmodt_hf.HarmoDTModel.encode_prompt`) and runs every step on the episode's tokens only: a fifth fewer
-    rows per forward at the paper size, the same actions up to float rounding (~5e-7 in fp32; either way, at one
-    thread, a policy's actions do not depend on what else is in the batch, bit for bit where the CPU's small matmuls
-    ignore the row count, as on an AMX Xeon, and up to ~1e-7 per step where they do not, as on an AVX2 EPYC).
-    ``False`` feeds the prompt tokens at every step, as the official Prompt-DT evaluation does.
-
-    ``last_action_only=True`` (the default) runs each step's forward with ``last_action_only`` (only what the action
-    reads: about a sixth less work at the paper size, the same actions up to float rounding); ``False`` runs the full
-    forward over every step of the window, as the official evaluation does.
+    (:meth:`~harmodt_hf.HarmoDTModel.encode_prompt`) and runs every step on the episode's tokens only;
+    ``last_action_only=True`` (the default) computes only what the action reads. Both give the same actions up to
+    float rounding; ``False`` runs the full forward with the prompt tokens at every step, as the official Prompt-DT
+    evaluation does (the speed-ups are in benchmarks/RESULTS.md).
 
     Example::
 
