@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from harmodt_hf.data.folder import (
-    HALVES,
     episodes_to_table,
     prepare_output,
     remove_stale_temporaries,
@@ -212,6 +211,31 @@ class GenerationResult:
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
+    def write_shard(self, task: str, half: str, episodes: list[dict]) -> None:
+        path = shard_path(self.output_dir, task, half)
+        write_parquet_atomic(episodes_to_table(episodes), path)
+        self.shards_written.append(str(path.relative_to(self.output_dir)))
+        self.episodes_generated += len(episodes)
+
+
+def start_output(
+    root: Path, manifest: dict, overwrite: bool, halves: dict[str, dict[str, range]]
+) -> tuple[GenerationResult, list[tuple[str, str, range]]]:
+    """Prepare ``root`` for ``manifest`` (see ``prepare_output``) and list the shards of ``halves`` (task -> half ->
+    episode indices) still to write, in writing order; complete shards are recorded as skipped."""
+    prepare_output(root, manifest, overwrite)
+    result = GenerationResult(output_dir=root, tasks=list(halves))
+    remove_stale_temporaries(root, list(halves))
+    pending = []
+    for task, task_halves in halves.items():
+        for half, indices in task_halves.items():
+            path = shard_path(root, task, half)
+            if shard_is_complete(path, len(indices)):
+                result.shards_skipped.append(str(path.relative_to(root)))
+            else:
+                pending.append((task, half, indices))
+    return result, pending
+
 
 def _jobs(pending: list[tuple[str, str, range]], n: int, seed: int, schedule, bseed: int, chunk: int) -> list:
     """Work units (task, episode indices, …) of at most ``chunk`` episodes, in shard-writing order."""
@@ -266,20 +290,11 @@ def generate_dataset(
     start = time.perf_counter()
     root = Path(output_dir)
     manifest = generation_manifest(episodes_per_task, seed, schedule, benchmark_seed)
-    prepare_output(root, {**manifest, "tasks": task_list}, overwrite)  # tasks: for the resume command of a killed run
-
-    mine = task_list[shard_index::num_shards]
-    result = GenerationResult(output_dir=root, tasks=mine)
-    remove_stale_temporaries(root, mine)
+    manifest["tasks"] = task_list  # for the resume command of a killed run
     halves = split_halves(episodes_per_task)
-    pending: list[tuple[str, str, range]] = []  # (task, half, episode indices) in writing order
-    for task in mine:
-        for half in HALVES:
-            path = shard_path(root, task, half)
-            if shard_is_complete(path, len(halves[half])):
-                result.shards_skipped.append(str(path.relative_to(root)))
-            else:
-                pending.append((task, half, halves[half]))
+    result, pending = start_output(
+        root, manifest, overwrite, {task: halves for task in task_list[shard_index::num_shards]}
+    )
 
     chunk = max(1, min(chunk_size, math.ceil(max((len(r) for r in halves.values()), default=1) / num_workers)))
     jobs = _jobs(pending, episodes_per_task, seed, schedule, benchmark_seed, chunk)
@@ -298,11 +313,8 @@ def generate_dataset(
             bar.update(len(episodes))
             while current is not None and len(buffer) >= len(current[2]):
                 task, half, indices = current
-                done, buffer = buffer[: len(indices)], buffer[len(indices) :]
-                path = shard_path(root, task, half)
-                write_parquet_atomic(episodes_to_table(done), path)
-                result.shards_written.append(str(path.relative_to(root)))
-                result.episodes_generated += len(done)
+                result.write_shard(task, half, buffer[: len(indices)])
+                buffer = buffer[len(indices) :]
                 current = next(shard_iter, None)
     if finalize:
         from harmodt_hf.data.card import finalize_dataset

@@ -1,8 +1,6 @@
-"""Episode datasets: the parquet row format, loading through ``datasets.load_dataset``, schema checks, stats.
+"""Episode datasets (one row per episode, see :mod:`harmodt_hf.data.schema`): loading through
+``datasets.load_dataset``, schema checks, stats.
 
-One row is one episode. Columns (``EPISODE_FEATURES``): ``observations`` (T×39 float32), ``actions`` (T×4 float32),
-``rewards``/``terminations``/``truncations``/``success`` (length T), ``task_name``, ``task_id`` (index in the
-canonical MT50 order), ``episode_index``, ``noise_level`` (NaN where unknown) and ``goal_index`` (-1 where unknown).
 A dataset folder declares its configs (``<set>-near-optimal``, ``<task>-sub-optimal``, …) in its README YAML, so plain
 ``datasets.load_dataset(folder, config)`` works; ``stats.json`` beside the data holds per-task statistics.
 """
@@ -21,10 +19,9 @@ from harmodt_hf.data.schema import (
     EPISODE_FEATURES,
     QUALITIES,
     STATS_FILENAME,
-    check_episode_schema,
     describe_episode_format,
 )
-from harmodt_hf.data.validation import check_episode_batches, check_shard
+from harmodt_hf.data.validation import check_episode_batches, check_episode_schema, check_shard
 from harmodt_hf.tasks import check_task_name
 
 __all__ = [
