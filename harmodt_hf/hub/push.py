@@ -6,10 +6,8 @@ card's ``configs:``), every local file the card links to exists and will be uplo
 After the upload: the remote tree at the target revision holds every local file with the same size and hash, so a
 half-finished upload is never reported as success.
 
-A dataset folder larger than ``large_folder_bytes`` (default :data:`LARGE_FOLDER_BYTES`) goes up with
-``HfApi.upload_large_folder`` where huggingface_hub has it (1.x): several commits, resumable by running the same
-command again. huggingface_hub 2.x has no such call because its ``upload_folder`` itself commits a large folder in
-batches and resumes an interrupted upload (with ``hf_xet``, its default).
+A dataset folder larger than :data:`LARGE_FOLDER_BYTES` goes up with ``HfApi.upload_large_folder`` where
+huggingface_hub has it (1.x; 2.x's ``upload_folder`` itself commits in batches and resumes).
 
 The endpoint, token and caches are huggingface_hub's (``HF_ENDPOINT``, ``HF_TOKEN`` / ``hf auth login``, ...).
 """
@@ -375,15 +373,7 @@ def push_dataset(
     commits; an interrupted upload resumes when the same call runs again); ``commit_message`` is not used then.
     """
     check_repo_id(repo_id)
-    folder = Path(folder)
-    return _push(
-        folder,
-        validate_dataset_folder(folder),
-        repo_id,
-        "dataset",
-        private=private,
-        revision=revision,
-        commit_message=commit_message or "Upload dataset with harmodt_hf.push_dataset",
-        token=token,
-        large_folder_bytes=large_folder_bytes,
-    )
+    uploads = validate_dataset_folder(folder)
+    message = commit_message or "Upload dataset with harmodt_hf.push_dataset"
+    settings = dict(private=private, revision=revision, token=token, large_folder_bytes=large_folder_bytes)
+    return _push(Path(folder), uploads, repo_id, "dataset", commit_message=message, **settings)
