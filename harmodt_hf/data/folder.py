@@ -27,7 +27,7 @@ from huggingface_hub import DatasetCard
 
 from harmodt_hf.data.schema import EPISODE_FEATURES
 from harmodt_hf.data.validation import open_shard
-from harmodt_hf.tasks import MT50, TASK_SETS
+from harmodt_hf.tasks import MT50, tasks_argument
 
 HALVES: tuple[str, ...] = ("first-half", "second-half")
 MANIFEST_FILENAME = "generation_config.json"
@@ -226,20 +226,15 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _tasks_argument(tasks: list[str]) -> str:
-    """A task list as the CLIs take it: a set name when it is one, else comma-separated names."""
-    return next((name for name, members in TASK_SETS.items() if list(members) == list(tasks)), ",".join(tasks))
-
-
 def resume_command(root: str | os.PathLike) -> str:
     """The command that resumes (or refreshes) the dataset folder ``root``, from its ``generation_config.json``."""
     manifest = read_manifest(root)
     tasks = manifest.get("tasks")
     if manifest.get("source") == "official-conversion":
         command = f"harmodt-convert-official --source {manifest['source_path']} --output {root}"
-        return command + (f" --tasks {_tasks_argument(tasks)}" if tasks else "")
+        return command + (f" --tasks {tasks_argument(tasks)}" if tasks else "")
     command = (
-        f"harmodt-generate-data --tasks {_tasks_argument(tasks) if tasks else '<the tasks of the first run>'} "
+        f"harmodt-generate-data --tasks {tasks_argument(tasks) if tasks else '<the tasks of the first run>'} "
         f"--episodes-per-task {manifest.get('episodes_per_task')} --seed {manifest.get('seed')} "
         f"--benchmark-seed {manifest.get('benchmark_seed')} --output {root}"
     )

@@ -20,7 +20,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from harmodt_hf.model.masks import mask_density, mask_overlap_counts, pairwise_iou
-from harmodt_hf.tasks import TASK_SETS
+from harmodt_hf.tasks import task_set_name
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md.j2"
 LIBRARY_NAME = "transformers"
@@ -233,13 +233,9 @@ def _variant(model: torch.nn.Module, training_summary: Mapping[str, Any] | None)
     return "prompt-dt" if config.use_prompt else "mtdt"
 
 
-def _task_set_name(tasks: list[str]) -> str | None:
-    return next((name for name, members in TASK_SETS.items() if sorted(members) == sorted(tasks)), None)
-
-
 def _eval_metadata(tasks: list[str], eval_results: Mapping[str, Any]) -> list[EvalResult]:
     """One model-index result per task (success rate in %) plus the mean over tasks."""
-    set_name = _task_set_name(tasks)
+    set_name = task_set_name(tasks)
     mean_name = f"Meta-World {set_name.upper()}" if set_name else f"Meta-World ({len(tasks)} tasks)"
     rows = [(mean_name, set_name or "all-evaluated-tasks", "mean_success_rate", eval_results["mean_success_rate"])]
     rows += [(f"Meta-World {t}", t, "success_rate", eval_results["per_task"][t]["success_rate"]) for t in tasks]
@@ -308,7 +304,6 @@ def build_model_card(
     dataset_repo: str | None = None,
     figures: Mapping[str, str] | None = None,
     repo_id: str | None = None,
-    license: str = "apache-2.0",
 ) -> ModelCard:
     """The model card: metadata (tags, datasets, model-index with one success-rate result per task plus the mean)
     and a body with the results table, mask statistics, training settings, usage and citation.
@@ -324,7 +319,7 @@ def build_model_card(
     config = model.config
     variant = _variant(model, training_summary)
     label, note = VARIANT_LABELS[variant]
-    set_name = _task_set_name(tasks)
+    set_name = task_set_name(tasks)
     model_name = repo_id.split("/")[-1] if repo_id else f"{variant}-{set_name or f'{len(tasks)}-tasks'}"
 
     densities: dict[str, float] = {}
@@ -358,7 +353,7 @@ def build_model_card(
 
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
-        license=license,
+        license="apache-2.0",
         tags=list(TAGS) + [variant],
         datasets=[dataset_repo] if dataset_repo else None,
         pipeline_tag="reinforcement-learning",
