@@ -118,7 +118,6 @@ def convert_official_dataset(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    finalize: bool = True,
 ) -> GenerationResult:
     """Convert the official ``<task>-v2/<i>.npz`` folder (all tasks found, or ``tasks``) into a dataset folder.
 
@@ -154,9 +153,8 @@ def convert_official_dataset(
                 episodes.append(read_official_episode(files[task][i], task, i, require_success=with_success))
                 bar.update(1)
             result.write_shard(task, half, episodes)
-    if finalize:
-        from harmodt_hf.data.card import finalize_dataset
+    from harmodt_hf.data.card import finalize_dataset
 
-        finalize_dataset(root)
+    finalize_dataset(root)
     result.seconds = time.perf_counter() - start
     return result

@@ -2,10 +2,9 @@
 
 Quality mimics the official SAC replay buffers, which run from random to expert: episode ``e`` of ``N`` (per task) is
 played with ε-random noise — with probability ``p`` a uniformly random action in [-1, 1]⁴, otherwise the expert's
-action plus Gaussian noise of std ``gaussian_scale · p`` — where ``p`` falls with ``u = e / (N - 1)`` along
-``NoiseSchedule.knots`` (piecewise linear): 1.0 at u=0, 0.95 at 0.05, 0.80 at 0.35 (30 % of the episodes lie in the
-0.80–0.95 band where the experts' success collapses), 0.50 at 0.5, 0.10 at 0.7, and exactly 0 from u=0.8 on (the
-last 20 % are the bare expert). Sub-optimal = the first half, near-optimal = all episodes, as in the official data.
+action plus Gaussian noise of std ``gaussian_scale · p`` — where ``p`` falls from 1 with ``u = e / (N - 1)`` along
+``NoiseSchedule.knots`` (30 % of the episodes lie in the 0.80–0.95 band where the experts' success collapses; the last
+20 % are the bare expert). Sub-optimal = the first half, near-optimal = all episodes, as in the official data.
 
 Every episode is a pure function of (seed, task, episode index, N, benchmark seed): its RNG is
 ``SeedSequence(seed, spawn_key=(task_id, episode_index))``, drawn in this order: the goal index (uniform over the 50
@@ -271,12 +270,11 @@ def generate_dataset(
     schedule: NoiseSchedule | None = None,
     chunk_size: int = 10,
     progress: bool = True,
-    finalize: bool = True,
 ) -> GenerationResult:
     """Generate (or resume) a dataset folder: ``episodes_per_task`` episodes for each task of this shard.
 
     Tasks are split round-robin over ``num_shards`` (machines); episodes over ``num_workers`` processes. Complete
-    shards are skipped, so a killed run resumes where it stopped. With ``finalize`` the folder's ``stats.json``,
+    shards are skipped, so a killed run resumes where it stopped. The folder's ``stats.json``,
     ``README.md`` (configs + card) and histogram are rewritten from all complete tasks present.
     """
     task_list = sorted(resolve_tasks(tasks), key=MT50.index)  # canonical order
@@ -316,9 +314,8 @@ def generate_dataset(
                 result.write_shard(task, half, buffer[: len(indices)])
                 buffer = buffer[len(indices) :]
                 current = next(shard_iter, None)
-    if finalize:
-        from harmodt_hf.data.card import finalize_dataset
+    from harmodt_hf.data.card import finalize_dataset
 
-        finalize_dataset(root)
+    finalize_dataset(root)
     result.seconds = time.perf_counter() - start
     return result

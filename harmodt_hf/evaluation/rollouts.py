@@ -175,7 +175,6 @@ def evaluate(
     progress: bool = False,
     env_factory: EnvFactory | None = None,
     worker_timeout: float = 300.0,
-    start_method: str = "forkserver",
     torch_threads: int | None = None,
     precision: str = "fp32",
     pipeline: bool | None = None,
@@ -204,7 +203,6 @@ def evaluate(
         env_factory: ``(task, goal_index, seed) -> env`` replacing :func:`harmodt_hf.envs.make_env` (must be
             picklable when workers are used).
         worker_timeout: seconds to wait for a worker's reply before reporting it as stuck.
-        start_method: multiprocessing start method of the workers.
         torch_threads: torch CPU threads during the rollouts (restored afterwards); ``None`` leaves them as they are.
             With more than one thread the CPU matmul kernels can change the last bits of an action, which the
             simulator can amplify over an episode (measurements in benchmarks/RESULTS.md).
@@ -276,7 +274,7 @@ def evaluate(
         if workers <= 1:
             envs = LocalEnvs(specs, seed, **env_kwargs)
         else:
-            envs = WorkerEnvs(specs, seed, workers, worker_timeout, start_method, **env_kwargs)
+            envs = WorkerEnvs(specs, seed, workers, worker_timeout, **env_kwargs)
         pipelined = workers > 1 and (pipeline is None or bool(pipeline))
         out = _rollout(
             policy, envs, num_episodes, max_steps, stop_on_success, record_actions, progress, 2 if pipelined else 1
@@ -341,7 +339,7 @@ def evaluate(
 
 
 # ================================================================================================ plots
-def plot_success(results: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+def plot_success(results: dict[str, Any], path: str | Path) -> Path:
     """Bar chart of per-task success rate (%) with the mean as a dashed line, saved as a PNG at ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -362,7 +360,7 @@ def plot_success(results: dict[str, Any], path: str | Path, title: str | None = 
     ax.set_ylabel("task")
     episodes, precision = results.get("episodes_per_task"), results.get("precision", "fp32")
     note = "" if precision == "fp32" else f", {precision} policy"
-    ax.set_title(title or f"Success per task ({episodes} episodes each, seed {results.get('seed')}{note})")
+    ax.set_title(f"Success per task ({episodes} episodes each, seed {results.get('seed')}{note})")
     ax.legend(loc="lower right")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
