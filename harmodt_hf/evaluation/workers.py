@@ -181,7 +181,7 @@ def check_mp4_support() -> None:
 
 # ------------------------------------------------------------------------------------------------ env backends
 def _worker_main(conn, specs: list[EpisodeSpec], seed: int, env_kwargs: dict) -> None:
-    """Worker process: owns a :class:`LocalEnvs` and serves ``reset``/``step``/``finish``/``close`` requests."""
+    """Worker process: owns a :class:`LocalEnvs` and serves ``reset``/``step``/``close`` requests."""
     envs = LocalEnvs(specs, seed=seed, **env_kwargs)
     try:
         while True:
@@ -191,8 +191,6 @@ def _worker_main(conn, specs: list[EpisodeSpec], seed: int, env_kwargs: dict) ->
                     reply = envs.reset()
                 elif command == "step":
                     reply = envs.send_step(*payload)
-                elif command == "finish":
-                    reply = envs.finish(*payload)
                 elif command == "close":
                     break
                 else:
@@ -282,9 +280,6 @@ class WorkerEnvs:
                 raise self._worker_lost(worker, "closed its pipe") from None
         return list(messages)
 
-    def _request(self, messages: dict[int, tuple]) -> dict[int, Any]:
-        return {worker: self._receive(worker) for worker in self._send(messages)}
-
     def waves(self, count: int) -> list[list[int]]:
         """The episodes split into at most ``count`` waves, each owned by its own workers (worker ``w`` goes to wave
         ``w % count``): one wave's environments can step while the policy acts for another."""
@@ -295,8 +290,8 @@ class WorkerEnvs:
 
     def reset(self) -> dict[int, np.ndarray]:
         observations = {}
-        for reply in self._request({w: ("reset",) for w in range(len(self.procs))}).values():
-            observations.update(reply)
+        for worker in self._send({w: ("reset",) for w in range(len(self.procs))}):
+            observations.update(self._receive(worker))
         return observations
 
     def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int], successes: dict[int, bool]) -> list:
@@ -322,13 +317,8 @@ class WorkerEnvs:
         return results, videos
 
     def finish(self, indices: Sequence[int], successes: dict[int, bool]) -> dict[int, str]:
-        per_worker: dict[int, list[int]] = {}
-        for index in indices:
-            per_worker.setdefault(self.owner[index], []).append(index)
-        videos = {}
-        for reply in self._request({w: ("finish", idx, successes) for w, idx in per_worker.items()}).values():
-            videos.update(reply)
-        return videos
+        """Close the environments of ended episodes; returns ``{index: video path}``."""
+        return self.receive_step(self.send_step({}, indices, successes))[1]
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs, strict=True):
