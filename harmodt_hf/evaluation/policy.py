@@ -99,11 +99,13 @@ class HarmoDTPolicy:
         self._rtg = np.zeros(n, dtype=np.float64)  # current return-to-go, already divided by return_scale
         self._mean = torch.zeros(n, config.state_dim, device=dev)
         self._std = torch.ones(n, config.state_dim, device=dev)
-        self._states = torch.zeros(n, k, config.state_dim, dtype=self.dtype, device=dev)
-        self._actions = torch.zeros(n, k, config.act_dim, dtype=self.dtype, device=dev)
-        self._returns = torch.zeros(n, k, 1, dtype=self.dtype, device=dev)
-        self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)
-        self._mask = torch.zeros(n, k, dtype=torch.long, device=dev)
+        self._window = {  # every slot's context window, by the name of the model's forward argument
+            "states": torch.zeros(n, k, config.state_dim, dtype=self.dtype, device=dev),
+            "actions": torch.zeros(n, k, config.act_dim, dtype=self.dtype, device=dev),
+            "returns_to_go": torch.zeros(n, k, 1, dtype=self.dtype, device=dev),
+            "timesteps": torch.zeros(n, k, dtype=torch.long, device=dev),
+            "attention_mask": torch.zeros(n, k, dtype=torch.long, device=dev),
+        }
         self._prompt: dict[str, torch.Tensor] | PromptKeyValues | None = None
         # The encoded prompts picked out for recent sets of active slots (a pipelined evaluation alternates two).
         self._picked_prompts: dict[bytes, PromptKeyValues] = {}
@@ -154,7 +156,7 @@ class HarmoDTPolicy:
         self._rtg[index] = np.asarray([config.target_returns[i] for i in ids], dtype=np.float64) / config.return_scale
         self._mean[ix] = torch.tensor([config.state_mean[i] for i in ids], dtype=torch.float32, device=self.device)
         self._std[ix] = torch.tensor([config.state_std[i] for i in ids], dtype=torch.float32, device=self.device)
-        for buffer in (self._states, self._actions, self._returns, self._timesteps, self._mask):
+        for buffer in self._window.values():
             buffer[ix] = 0
         if config.use_prompt:
             self._store_prompts(ix, task_ids, fresh=self._prompt is None or slots is None)
@@ -268,10 +270,7 @@ class HarmoDTPolicy:
 
         # The slots' next context windows, built apart and stored only once the action is known to be finite.
         ix = torch.as_tensor(index, device=self.device)
-        states, actions, returns, timesteps, mask = (
-            buffer[ix].roll(-1, dims=1)
-            for buffer in (self._states, self._actions, self._returns, self._timesteps, self._mask)
-        )
+        window = {name: buffer[ix].roll(-1, dims=1) for name, buffer in self._window.items()}
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         normalised = ((obs_t - self._mean[ix]) / (self._std[ix] + STD_EPSILON)).to(self.dtype)
         bad = ~torch.isfinite(normalised).all(dim=1).cpu().numpy()
@@ -280,11 +279,11 @@ class HarmoDTPolicy:
                 f"the normalised observation of {self._slot_names(index, bad)} leaves the range of {self.dtype}: "
                 "no slot was changed"
             )
-        states[:, -1] = normalised
-        actions[:, -1] = 0
-        returns[:, -1, 0] = torch.as_tensor(rtg, dtype=self.dtype, device=self.device)
-        timesteps[:, -1] = torch.as_tensor(self._steps[index], device=self.device)
-        mask[:, -1] = 1
+        window["states"][:, -1] = normalised
+        window["actions"][:, -1] = 0
+        window["returns_to_go"][:, -1, 0] = torch.as_tensor(rtg, dtype=self.dtype, device=self.device)
+        window["timesteps"][:, -1] = torch.as_tensor(self._steps[index], device=self.device)
+        window["attention_mask"][:, -1] = 1
 
         prompt = {}
         if isinstance(self._prompt, PromptKeyValues):
@@ -293,11 +292,7 @@ class HarmoDTPolicy:
             prompt["prompt"] = {key: value[ix] for key, value in self._prompt.items()}
         with self._autocast(), self._weights_cached():
             output = self.model(
-                states=states,
-                actions=actions,
-                returns_to_go=returns,
-                timesteps=timesteps,
-                attention_mask=mask,
+                **window,
                 task_ids=self._task_ids[ix],
                 last_action_only=self.last_action_only,
                 return_dict=True,
@@ -310,13 +305,9 @@ class HarmoDTPolicy:
                 f"the model gave a non-finite action for {self._slot_names(index, bad)} at steps "
                 f"{self._steps[index][bad].tolist()} (returns-to-go {rtg[bad].tolist()}): no slot was changed"
             )
-        actions[:, -1] = action.to(self.dtype)
-        for buffer, new in zip(
-            (self._states, self._actions, self._returns, self._timesteps, self._mask),
-            (states, actions, returns, timesteps, mask),
-            strict=True,
-        ):
-            buffer[ix] = new
+        window["actions"][:, -1] = action.to(self.dtype)
+        for name, buffer in self._window.items():
+            buffer[ix] = window[name]
         self._rtg[index] = rtg
         self._steps[index] += 1
         return action.float().cpu().numpy()
