@@ -251,9 +251,12 @@ def summarise(records: list[dict], study: dict) -> tuple[dict, list[dict]]:
     return arms, pairs
 
 
-def markdown(arms: dict, pairs: list[dict], records: list[dict], study: dict) -> str:
+def markdown(arms: dict, pairs: list[dict], records: list[dict], study: dict, command: str) -> str:
     tasks = list(next(iter(arms.values()))["per_task_last_mean"])
     lines = [
+        f"Every number below comes from `{command}` (it trains and evaluates the runs that are missing, then writes "
+        "this file, results.json and the figures; `--summarise-only` rewrites them from the finished runs).",
+        "",
         f"Meta-World {study['tasks'].upper()} {study['quality']}, {study['eval_episodes']} evaluation episodes per "
         "task (evaluation seed 0), last checkpoint; success in %, mean over tasks.",
         "",
@@ -362,12 +365,15 @@ def plot(arms: dict, records: list[dict], folder: Path, suffix: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(names):
-        curves = [r["curve"] for r in records if r["arm"] == arm]
-        steps = [s for s, _ in curves[0]]
-        ax.plot(steps, np.mean([[v for _, v in c] for c in curves], axis=0), marker="o", color=f"C{i}", label=arm)
+        by_step: dict[int, list[float]] = {}
+        for record in (r for r in records if r["arm"] == arm):
+            for step, value in record["curve"]:
+                by_step.setdefault(step, []).append(value)
+        steps = sorted(by_step)  # runs may be evaluated at different steps: each point averages the seeds it has
+        ax.plot(steps, [np.mean(by_step[s]) for s in steps], marker="o", color=f"C{i}", label=arm)
     ax.set_xlabel("training steps")
     ax.set_ylabel("mean success over tasks (%)")
-    ax.set_title("Success during training (mean over seeds)")
+    ax.set_title("Success during training (mean over the seeds evaluated at each step)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -410,6 +416,7 @@ def main() -> None:
         for arm in group
         if seed in study["arms"][arm].get("seeds", study["seeds"])
     ]
+    planned = len(jobs)
     if args.summarise_only:
         jobs = [(a, s) for a, s in jobs if _finished(args.output / f"{a}_seed{s}")]
 
@@ -427,7 +434,11 @@ def main() -> None:
         records = list(pool.map(job, jobs))
     arms, pairs = summarise(records, study)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    suffix = "_partial" if args.summarise_only else ""
+    suffix = "" if len(records) == planned else "_partial"
+    command = (
+        f"python benchmarks/reproduce.py --config {args.config} --output {args.output.name} --workers {args.workers} "
+        f"--threads {args.threads} --parallel {args.parallel}"
+    )
     payload = {
         "study": study,
         "commit": commit.stdout.strip(),
@@ -437,7 +448,7 @@ def main() -> None:
         "wall_time_s": time.perf_counter() - start,
     }
     (args.output / f"results{suffix}.json").write_text(json.dumps(payload, indent=2))
-    text = markdown(arms, pairs, records, study)
+    text = markdown(arms, pairs, records, study, command)
     (args.output / f"results{suffix}.md").write_text(text)
     plot(arms, records, args.output, suffix)
     print(text)
