@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from harmodt_hf.evaluation.policy import PRECISIONS, STD_EPSILON, HarmoDTPolicy, check_precision
 from harmodt_hf.evaluation.workers import (
@@ -104,11 +105,6 @@ def _rollout(
     out.env_setup_s = time.perf_counter() - start
     rewards = np.zeros(num_episodes)
     all_waves = [_Wave(episodes) for episodes in envs.waves(waves)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_steps, desc="evaluate", unit="step")
 
     def act_and_send(wave: _Wave) -> None:
         obs = np.stack([observations[i] for i in wave.active])
@@ -138,7 +134,7 @@ def _rollout(
         wave.active = [i for i in wave.active if i not in ended]
         wave.steps += 1
 
-    try:
+    with tqdm(total=max_steps, desc="evaluate", unit="step", disable=not progress) as bar:
         running = [wave for wave in all_waves if wave.active]
         for wave in running:
             act_and_send(wave)
@@ -148,15 +144,12 @@ def _rollout(
                 if wave.active and wave.steps < max_steps:
                     act_and_send(wave)
             running = [wave for wave in running if wave.ticket is not None]
-            if bar is not None:
+            if progress:
                 running_episodes = sum(len(w.active) for w in running)
                 bar.set_postfix(running=running_episodes, successes=int(out.successes.sum()), refresh=False)
                 bar.update(max(w.steps for w in all_waves) - bar.n)
-        finished = [i for wave in all_waves for i in wave.ended + wave.active]
-        out.videos.update(envs.finish(finished, {i: bool(out.successes[i]) for i in finished}))
-    finally:
-        if bar is not None:
-            bar.close()
+    finished = [i for wave in all_waves for i in wave.ended + wave.active]
+    out.videos.update(envs.finish(finished, {i: bool(out.successes[i]) for i in finished}))
     return out
 
 

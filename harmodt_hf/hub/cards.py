@@ -470,19 +470,15 @@ def write_model_folder(
     """A Hub-ready model folder: ``save_pretrained`` weights and config, the card (``README.md``), its figures, the
     evaluation results (``results.json``), the training summary and an optional rollout video.
 
-    The inputs are checked before anything is written; the finished folder passes
+    The inputs are checked before anything is written (:func:`write_card_files` first); the finished folder passes
     :func:`harmodt_hf.hub.push.validate_model_folder`, so ``push_model(folder, repo_id)`` accepts it.
     """
     from harmodt_hf.hub.push import validate_model_folder
 
-    check_eval_results(model, eval_results)
-    _check_video(video)
-    summary = _load_summary(training_summary)
-    folder = Path(folder)
+    write_card_files(model, folder, eval_results, training_summary, video, dataset_repo=dataset_repo, repo_id=repo_id)
     model.save_pretrained(folder)
-    write_card_files(model, folder, eval_results, summary, video, dataset_repo=dataset_repo, repo_id=repo_id)
     validate_model_folder(folder)
-    return folder
+    return Path(folder)
 
 
 __all__ = [
