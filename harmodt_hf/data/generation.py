@@ -14,6 +14,7 @@ do not depend on the number of workers or on which run (first or resumed) produc
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
 import time
@@ -129,20 +130,15 @@ def rollout(env, policy, rng: np.random.Generator, noise_level: float, gaussian_
     )
 
 
-_ENVS: dict[tuple[str, int], tuple[object, list]] = {}  # per process: one env (and goal list) per task
+@functools.cache
+def generation_env(task: str, benchmark_seed: int) -> tuple[object, list]:
+    """This process's environment for ``task`` and the goal list of ``MT1(task, benchmark_seed)`` (built once)."""
+    return make_env(task, 0, benchmark_seed), goals(task, benchmark_seed)
 
 
 def forget_environments() -> None:
     """Drop the environments this process keeps for generation (one per task)."""
-    _ENVS.clear()
-
-
-def generation_env(task: str, benchmark_seed: int) -> tuple[object, list]:
-    """This process's environment for ``task`` and the goal list of ``MT1(task, benchmark_seed)`` (built once)."""
-    key = (task, benchmark_seed)
-    if key not in _ENVS:
-        _ENVS[key] = (make_env(task, 0, benchmark_seed), goals(task, benchmark_seed))
-    return _ENVS[key]
+    generation_env.cache_clear()
 
 
 def generate_episode(
