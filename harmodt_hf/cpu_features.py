@@ -1,10 +1,5 @@
-"""What this CPU computes fast, read from PyTorch's own CPU feature probes.
-
-Timings differ by an order of magnitude between CPUs with AMX (recent Xeons: native bf16 and int8 tile matmuls) and
-CPUs with AVX2 only (measured on an AMD EPYC, ``benchmarks/RESULTS.md``): there a mask update's gradient pass took
-311 s under bf16 autocast against 30 s in float32, and the int8 Gram matmuls of ``pairwise_iou`` 13.1 s against
-1.9 s in float32.
-"""
+"""What this CPU computes fast (native bf16, AMX), read from PyTorch's own CPU feature probes: bf16 autocast is
+an order of magnitude slower where it is emulated (``benchmarks/RESULTS.md``, sixth session)."""
 
 from __future__ import annotations
 

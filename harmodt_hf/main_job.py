@@ -220,13 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="job folder (default runs/main_job or runs/main_job_smoke)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1), help="generation/env processes")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (1: the tiny model's ops are too small to split; 2 threads ran 16x slower per training "
-        "step than 1 on a busy 2-core machine)",
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the tiny model's ops are small)")
     parser.add_argument("--episodes-per-task", type=int, default=None, help="override the generated episodes")
     parser.add_argument("--train-steps", type=int, default=None, help="override the training steps")
     parser.add_argument("--eval-episodes", type=int, default=None, help="override the evaluation episodes per task")

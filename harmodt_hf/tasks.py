@@ -97,6 +97,16 @@ def check_task_name(name: str) -> str:
     raise ValueError(f"Unknown Meta-World task {name!r}.{hint}")
 
 
+def task_set_name(tasks: Sequence[str]) -> str | None:
+    """The name (``mt5``/``mt10``/``mt30``/``mt50``) of the task set made of exactly ``tasks``, in any order."""
+    return next((name for name, members in TASK_SETS.items() if sorted(members) == sorted(tasks)), None)
+
+
+def tasks_argument(tasks: Sequence[str]) -> str:
+    """``tasks`` as the command lines take them: the task set's name when they are one, else comma-separated."""
+    return task_set_name(tasks) or ",".join(tasks)
+
+
 def resolve_tasks(tasks: str | Sequence[str]) -> list[str]:
     """Turn a task-set name (``mt5``/``mt10``/``mt30``/``mt50``), one task, or a list of tasks into task names."""
     if isinstance(tasks, str):

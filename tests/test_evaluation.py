@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,7 +102,10 @@ class _SuccessAt:
     """A real env that additionally reports success at step ``at`` (to exercise stop-on-success)."""
 
     def __init__(self, env, at: int) -> None:
-        self.env, self.at, self.steps = env, at, 0
+        self.env, self.at, self.steps, self.unwrapped = env, at, 0, env.unwrapped
+
+    def render(self):
+        return self.env.render()
 
     def reset(self, **kwargs):
         self.steps = 0
@@ -354,6 +358,21 @@ def test_video_of_chosen_episodes(model, tmp_path):
     frames = np.stack(list(imageio.get_reader(tmp_path / "videos" / files[1], format="ffmpeg").iter_data()))
     assert frames.shape[0] == 13 and frames.shape[-1] == 3  # reset frame + 12 steps
     assert frames.std() > 10  # a rendered scene, not a blank image
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_videos_of_episodes_that_end_early_are_reported(model, tmp_path, num_workers):
+    """Push episode e succeeds (and stops) at step 5 + e; episodes 0 and 2 share an env worker (or the process), so
+    episode 0's environment is closed while episode 2 runs on: every video is in the results."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    results = evaluate(model, tasks=["push-v3"], episodes_per_task=3, max_steps=8, num_workers=num_workers,
+                       env_factory=factory_push_succeeds_at_step_5, video_episodes=3, video_dir=tmp_path,
+                       video_format="gif")  # fmt: skip
+    push = results["per_task"]["push-v3"]
+    assert push["episode_lengths"] == [5, 6, 7]
+    assert push["videos"] == {str(e): str(tmp_path / f"push-v3_episode0{e}_success.gif") for e in range(3)}
+    assert all(Path(path).is_file() for path in push["videos"].values())
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -32,7 +32,7 @@ from harmodt_hf.data.validation import (
     check_schema,
     open_shard,
 )
-from harmodt_hf.tasks import MT50, OBSERVATION_DIM, TASK_SETS
+from harmodt_hf.tasks import MT50, OBSERVATION_DIM, TASK_SETS, tasks_argument
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "hub" / "templates" / "dataset_card.md.j2"
 HISTOGRAM_PATH = "images/returns_histogram.png"
@@ -176,20 +176,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def render_card(stats: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
+def render_card(stats: dict) -> str:
     """The README body (Markdown) from the Jinja template."""
     import jinja2
 
-    template_path = Path(template_path)
-    if not template_path.is_file():
-        raise FileNotFoundError(
-            f"Dataset card template {template_path} is missing (it ships in harmodt_hf/hub/templates)."
-        )
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(template_path.parent),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     tasks = stats["tasks"]
     rows = []
     for name, members in _config_groups(list(tasks)):
@@ -197,13 +188,13 @@ def render_card(stats: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
         for quality in QUALITIES:
             episodes = sum(tasks[t][quality]["num_episodes"] for t in members)
             rows.append({"name": f"{name}-{quality}", "tasks": label, "episodes": episodes})
-    return env.get_template(template_path.name).render(
+    return env.from_string(TEMPLATE_PATH.read_text(encoding="utf-8")).render(
         stats=stats,
         generation=stats["generation"],
         tasks=tasks,
         config_rows=rows,
         task_sets=[k.upper() for k, _ in _config_groups(list(tasks)) if k in TASK_SETS],
-        tasks_arg=next((k for k, m in TASK_SETS.items() if sorted(m) == sorted(tasks)), ",".join(tasks)),
+        tasks_arg=tasks_argument(list(tasks)),
         versions=_versions(),
         histogram_path=HISTOGRAM_PATH,
     )
@@ -233,7 +224,7 @@ def check_finite_stats(stats: dict) -> None:
         )
 
 
-def finalize_dataset(root: str | Path, license: str | None = None) -> dict | None:
+def finalize_dataset(root: str | Path) -> dict | None:
     """Write ``stats.json``, ``images/returns_histogram.png`` and ``README.md`` for the complete tasks of ``root``.
 
     Returns the stats, or ``None`` (writing nothing) when no task is complete yet.
@@ -249,7 +240,7 @@ def finalize_dataset(root: str | Path, license: str | None = None) -> dict | Non
     write_bytes_atomic(plot_return_histogram(returns), root / HISTOGRAM_PATH)
     source = stats["generation"].get("source", "")
     meta = {
-        "license": license or ("mit" if source == "metaworld-scripted-experts" else "other"),
+        "license": "mit" if source == "metaworld-scripted-experts" else "other",
         "pretty_name": "Meta-World offline episodes (harmodt-hf)",
         "task_categories": ["reinforcement-learning"],
         "tags": ["metaworld", "offline-rl", "multi-task", "decision-transformer", "harmodt"],

@@ -19,16 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harmodt_hf.data.folder import (
-    episodes_to_table,
-    prepare_output,
-    remove_stale_temporaries,
-    shard_is_complete,
-    shard_path,
-    split_halves,
-    write_parquet_atomic,
-)
-from harmodt_hf.data.generation import FORMAT_VERSION, GenerationResult
+from harmodt_hf.data.folder import split_halves
+from harmodt_hf.data.generation import FORMAT_VERSION, GenerationResult, start_output
 from harmodt_hf.tasks import ACTION_DIM, EPISODE_LENGTH, MT50, OBSERVATION_DIM, check_task_name, resolve_tasks
 
 _EPISODE_FILE = re.compile(r"^(\d+)\.npz$")
@@ -126,7 +118,6 @@ def convert_official_dataset(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    finalize: bool = True,
 ) -> GenerationResult:
     """Convert the official ``<task>-v2/<i>.npz`` folder (all tasks found, or ``tasks``) into a dataset folder.
 
@@ -151,30 +142,19 @@ def convert_official_dataset(
         "tasks": list(files),  # for the resume command of an interrupted conversion
     }
     root = Path(output_dir)
-    prepare_output(root, manifest, overwrite)
-    result = GenerationResult(output_dir=root, tasks=list(files))
-    remove_stale_temporaries(root, list(files))
+    halves = {task: split_halves(len(task_files)) for task, task_files in files.items()}
+    result, pending = start_output(root, manifest, overwrite, halves)
     from tqdm.auto import tqdm
 
-    total = sum(len(f) for f in files.values())
-    with tqdm(total=total, unit="episode", desc="convert", disable=not progress) as bar:
-        for task, task_files in files.items():
-            for half, indices in split_halves(len(task_files)).items():
-                path = shard_path(root, task, half)
-                if shard_is_complete(path, len(indices)):
-                    result.shards_skipped.append(str(path.relative_to(root)))
-                    bar.update(len(indices))
-                    continue
-                episodes = []
-                for i in indices:
-                    episodes.append(read_official_episode(task_files[i], task, i, require_success=with_success))
-                    bar.update(1)
-                write_parquet_atomic(episodes_to_table(episodes), path)
-                result.shards_written.append(str(path.relative_to(root)))
-                result.episodes_generated += len(episodes)
-    if finalize:
-        from harmodt_hf.data.card import finalize_dataset
+    with tqdm(total=sum(len(r) for _, _, r in pending), unit="episode", desc="convert", disable=not progress) as bar:
+        for task, half, indices in pending:
+            episodes = []
+            for i in indices:
+                episodes.append(read_official_episode(files[task][i], task, i, require_success=with_success))
+                bar.update(1)
+            result.write_shard(task, half, episodes)
+    from harmodt_hf.data.card import finalize_dataset
 
-        finalize_dataset(root)
+    finalize_dataset(root)
     result.seconds = time.perf_counter() - start
     return result

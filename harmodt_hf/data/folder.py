@@ -21,10 +21,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datasets.data_files import resolve_pattern, sanitize_patterns
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard
 
 from harmodt_hf.data.schema import EPISODE_FEATURES
 from harmodt_hf.data.validation import open_shard
-from harmodt_hf.tasks import MT50, TASK_SETS
+from harmodt_hf.tasks import MT50, tasks_argument
 
 HALVES: tuple[str, ...] = ("first-half", "second-half")
 MANIFEST_FILENAME = "generation_config.json"
@@ -36,13 +39,13 @@ _TMP_SUFFIX = ".tmp"
 
 def shard_path(root: str | os.PathLike, task: str, half: str) -> Path:
     """``root/data/<task>/<half>.parquet``."""
-    if half not in HALVES:
-        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
-    return Path(root) / "data" / task / f"{half}.parquet"
+    return Path(root) / shard_relpath(task, half)
 
 
 def shard_relpath(task: str, half: str) -> str:
     """The shard's path relative to the dataset root, with forward slashes (as README ``data_files`` need)."""
+    if half not in HALVES:
+        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
     return f"data/{task}/{half}.parquet"
 
 
@@ -86,15 +89,11 @@ def episodes_to_table(episodes: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(columns).cast(EPISODE_FEATURES.arrow_schema)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-
-
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path``, then rename it into place."""
+    """Write ``data`` to a hidden temporary file beside ``path``, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -106,18 +105,10 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write ``table`` as parquet to a hidden temporary file, fsync it, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``table`` as parquet to ``path`` with :func:`write_bytes_atomic` (no partial shard is ever visible)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_SIZE)
+    write_bytes_atomic(buffer.getvalue().to_pybytes(), path)
 
 
 def remove_stale_temporaries(root: str | os.PathLike, tasks: list[str]) -> int:
@@ -143,6 +134,30 @@ def shard_is_complete(path: Path, expected_rows: int) -> bool:
             "pass --overwrite to regenerate the dataset."
         )
     return True
+
+
+def config_files(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Each config of the folder's README.md ``configs:`` -> the files (POSIX, relative to ``folder``) its
+    ``data_files`` patterns resolve to, by the rules of ``datasets.load_dataset``; ``{}`` without configs.
+
+    ``FileNotFoundError`` names a pattern that matches no file.
+    """
+    folder = Path(folder).resolve()
+    readme = folder / "README.md"
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data) if readme.is_file() else {}
+    files: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        files[name] = []
+        for patterns in sanitize_patterns(config.get("data_files", [])).values():
+            for pattern in patterns:
+                try:
+                    found = resolve_pattern(pattern, str(folder))
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"{readme}: config {name!r} reads data_files {pattern!r}, which match no file in {folder}"
+                    ) from None
+                files[name] += [Path(path).relative_to(folder).as_posix() for path in found]
+    return files
 
 
 def complete_tasks(root: str | os.PathLike) -> list[str]:
@@ -211,20 +226,15 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _tasks_argument(tasks: list[str]) -> str:
-    """A task list as the CLIs take it: a set name when it is one, else comma-separated names."""
-    return next((name for name, members in TASK_SETS.items() if list(members) == list(tasks)), ",".join(tasks))
-
-
 def resume_command(root: str | os.PathLike) -> str:
     """The command that resumes (or refreshes) the dataset folder ``root``, from its ``generation_config.json``."""
     manifest = read_manifest(root)
     tasks = manifest.get("tasks")
     if manifest.get("source") == "official-conversion":
         command = f"harmodt-convert-official --source {manifest['source_path']} --output {root}"
-        return command + (f" --tasks {_tasks_argument(tasks)}" if tasks else "")
+        return command + (f" --tasks {tasks_argument(tasks)}" if tasks else "")
     command = (
-        f"harmodt-generate-data --tasks {_tasks_argument(tasks) if tasks else '<the tasks of the first run>'} "
+        f"harmodt-generate-data --tasks {tasks_argument(tasks) if tasks else '<the tasks of the first run>'} "
         f"--episodes-per-task {manifest.get('episodes_per_task')} --seed {manifest.get('seed')} "
         f"--benchmark-seed {manifest.get('benchmark_seed')} --output {root}"
     )

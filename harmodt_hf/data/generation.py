@@ -2,10 +2,9 @@
 
 Quality mimics the official SAC replay buffers, which run from random to expert: episode ``e`` of ``N`` (per task) is
 played with ε-random noise — with probability ``p`` a uniformly random action in [-1, 1]⁴, otherwise the expert's
-action plus Gaussian noise of std ``gaussian_scale · p`` — where ``p`` falls with ``u = e / (N - 1)`` along
-``NoiseSchedule.knots`` (piecewise linear): 1.0 at u=0, 0.95 at 0.05, 0.80 at 0.35 (30 % of the episodes lie in the
-0.80–0.95 band where the experts' success collapses), 0.50 at 0.5, 0.10 at 0.7, and exactly 0 from u=0.8 on (the
-last 20 % are the bare expert). Sub-optimal = the first half, near-optimal = all episodes, as in the official data.
+action plus Gaussian noise of std ``gaussian_scale · p`` — where ``p`` falls from 1 with ``u = e / (N - 1)`` along
+``NoiseSchedule.knots`` (30 % of the episodes lie in the 0.80–0.95 band where the experts' success collapses; the last
+20 % are the bare expert). Sub-optimal = the first half, near-optimal = all episodes, as in the official data.
 
 Every episode is a pure function of (seed, task, episode index, N, benchmark seed): its RNG is
 ``SeedSequence(seed, spawn_key=(task_id, episode_index))``, drawn in this order: the goal index (uniform over the 50
@@ -15,6 +14,7 @@ do not depend on the number of workers or on which run (first or resumed) produc
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
 import time
@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from harmodt_hf.data.folder import (
-    HALVES,
     episodes_to_table,
     prepare_output,
     remove_stale_temporaries,
@@ -131,20 +130,15 @@ def rollout(env, policy, rng: np.random.Generator, noise_level: float, gaussian_
     )
 
 
-_ENVS: dict[tuple[str, int], tuple[object, list]] = {}  # per process: one env (and goal list) per task
+@functools.cache
+def generation_env(task: str, benchmark_seed: int) -> tuple[object, list]:
+    """This process's environment for ``task`` and the goal list of ``MT1(task, benchmark_seed)`` (built once)."""
+    return make_env(task, 0, benchmark_seed), goals(task, benchmark_seed)
 
 
 def forget_environments() -> None:
     """Drop the environments this process keeps for generation (one per task)."""
-    _ENVS.clear()
-
-
-def generation_env(task: str, benchmark_seed: int) -> tuple[object, list]:
-    """This process's environment for ``task`` and the goal list of ``MT1(task, benchmark_seed)`` (built once)."""
-    key = (task, benchmark_seed)
-    if key not in _ENVS:
-        _ENVS[key] = (make_env(task, 0, benchmark_seed), goals(task, benchmark_seed))
-    return _ENVS[key]
+    generation_env.cache_clear()
 
 
 def generate_episode(
@@ -212,6 +206,31 @@ class GenerationResult:
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
+    def write_shard(self, task: str, half: str, episodes: list[dict]) -> None:
+        path = shard_path(self.output_dir, task, half)
+        write_parquet_atomic(episodes_to_table(episodes), path)
+        self.shards_written.append(str(path.relative_to(self.output_dir)))
+        self.episodes_generated += len(episodes)
+
+
+def start_output(
+    root: Path, manifest: dict, overwrite: bool, halves: dict[str, dict[str, range]]
+) -> tuple[GenerationResult, list[tuple[str, str, range]]]:
+    """Prepare ``root`` for ``manifest`` (see ``prepare_output``) and list the shards of ``halves`` (task -> half ->
+    episode indices) still to write, in writing order; complete shards are recorded as skipped."""
+    prepare_output(root, manifest, overwrite)
+    result = GenerationResult(output_dir=root, tasks=list(halves))
+    remove_stale_temporaries(root, list(halves))
+    pending = []
+    for task, task_halves in halves.items():
+        for half, indices in task_halves.items():
+            path = shard_path(root, task, half)
+            if shard_is_complete(path, len(indices)):
+                result.shards_skipped.append(str(path.relative_to(root)))
+            else:
+                pending.append((task, half, indices))
+    return result, pending
+
 
 def _jobs(pending: list[tuple[str, str, range]], n: int, seed: int, schedule, bseed: int, chunk: int) -> list:
     """Work units (task, episode indices, …) of at most ``chunk`` episodes, in shard-writing order."""
@@ -247,12 +266,11 @@ def generate_dataset(
     schedule: NoiseSchedule | None = None,
     chunk_size: int = 10,
     progress: bool = True,
-    finalize: bool = True,
 ) -> GenerationResult:
     """Generate (or resume) a dataset folder: ``episodes_per_task`` episodes for each task of this shard.
 
     Tasks are split round-robin over ``num_shards`` (machines); episodes over ``num_workers`` processes. Complete
-    shards are skipped, so a killed run resumes where it stopped. With ``finalize`` the folder's ``stats.json``,
+    shards are skipped, so a killed run resumes where it stopped. The folder's ``stats.json``,
     ``README.md`` (configs + card) and histogram are rewritten from all complete tasks present.
     """
     task_list = sorted(resolve_tasks(tasks), key=MT50.index)  # canonical order
@@ -266,20 +284,11 @@ def generate_dataset(
     start = time.perf_counter()
     root = Path(output_dir)
     manifest = generation_manifest(episodes_per_task, seed, schedule, benchmark_seed)
-    prepare_output(root, {**manifest, "tasks": task_list}, overwrite)  # tasks: for the resume command of a killed run
-
-    mine = task_list[shard_index::num_shards]
-    result = GenerationResult(output_dir=root, tasks=mine)
-    remove_stale_temporaries(root, mine)
+    manifest["tasks"] = task_list  # for the resume command of a killed run
     halves = split_halves(episodes_per_task)
-    pending: list[tuple[str, str, range]] = []  # (task, half, episode indices) in writing order
-    for task in mine:
-        for half in HALVES:
-            path = shard_path(root, task, half)
-            if shard_is_complete(path, len(halves[half])):
-                result.shards_skipped.append(str(path.relative_to(root)))
-            else:
-                pending.append((task, half, halves[half]))
+    result, pending = start_output(
+        root, manifest, overwrite, {task: halves for task in task_list[shard_index::num_shards]}
+    )
 
     chunk = max(1, min(chunk_size, math.ceil(max((len(r) for r in halves.values()), default=1) / num_workers)))
     jobs = _jobs(pending, episodes_per_task, seed, schedule, benchmark_seed, chunk)
@@ -298,15 +307,11 @@ def generate_dataset(
             bar.update(len(episodes))
             while current is not None and len(buffer) >= len(current[2]):
                 task, half, indices = current
-                done, buffer = buffer[: len(indices)], buffer[len(indices) :]
-                path = shard_path(root, task, half)
-                write_parquet_atomic(episodes_to_table(done), path)
-                result.shards_written.append(str(path.relative_to(root)))
-                result.episodes_generated += len(done)
+                result.write_shard(task, half, buffer[: len(indices)])
+                buffer = buffer[len(indices) :]
                 current = next(shard_iter, None)
-    if finalize:
-        from harmodt_hf.data.card import finalize_dataset
+    from harmodt_hf.data.card import finalize_dataset
 
-        finalize_dataset(root)
+    finalize_dataset(root)
     result.seconds = time.perf_counter() - start
     return result

@@ -1,8 +1,6 @@
-"""Episode datasets: the parquet row format, loading through ``datasets.load_dataset``, schema checks, stats.
+"""Episode datasets (one row per episode, see :mod:`harmodt_hf.data.schema`): loading through
+``datasets.load_dataset``, schema checks, stats.
 
-One row is one episode. Columns (``EPISODE_FEATURES``): ``observations`` (T×39 float32), ``actions`` (T×4 float32),
-``rewards``/``terminations``/``truncations``/``success`` (length T), ``task_name``, ``task_id`` (index in the
-canonical MT50 order), ``episode_index``, ``noise_level`` (NaN where unknown) and ``goal_index`` (-1 where unknown).
 A dataset folder declares its configs (``<set>-near-optimal``, ``<task>-sub-optimal``, …) in its README YAML, so plain
 ``datasets.load_dataset(folder, config)`` works; ``stats.json`` beside the data holds per-task statistics.
 """
@@ -16,15 +14,14 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_dataset
 
-from harmodt_hf.data.folder import describe_partial
+from harmodt_hf.data.folder import config_files, describe_partial
 from harmodt_hf.data.schema import (
     EPISODE_FEATURES,
     QUALITIES,
     STATS_FILENAME,
-    check_episode_schema,
     describe_episode_format,
 )
-from harmodt_hf.data.validation import check_episode_batches, check_shard
+from harmodt_hf.data.validation import check_episode_batches, check_episode_schema, check_shard
 from harmodt_hf.tasks import check_task_name
 
 __all__ = [
@@ -37,43 +34,6 @@ __all__ = [
     "load_stats",
     "state_stats",
 ]
-
-
-def _local_configs(folder: Path) -> dict[str, list[str]] | None:
-    """Config name -> its data file patterns, as declared in a local folder's README YAML; ``None`` if none."""
-    readme = folder / "README.md"
-    if not readme.is_file():
-        return None
-    import yaml
-
-    text = readme.read_text(encoding="utf-8")
-    if not text.startswith("---"):
-        return None
-    header = text.split("---", 2)[1]
-    meta = yaml.safe_load(header) or {}
-    configs = meta.get("configs")
-    if not configs:
-        return None
-    out = {}
-    for entry in configs:
-        data_files = entry.get("data_files") or []
-        data_files = data_files if isinstance(data_files, list) else [data_files]
-        patterns = []
-        for item in data_files:
-            paths = item.get("path", []) if isinstance(item, dict) else item
-            patterns += [paths] if isinstance(paths, str) else list(paths)
-        out[entry["config_name"]] = patterns
-    return out
-
-
-def _check_local_shards(folder: Path, patterns: list[str]) -> None:
-    """Check every parquet file the config reads (schema, episode lengths, finite values), naming a bad one."""
-    for pattern in patterns:
-        files = sorted(folder.glob(pattern))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no file matches {pattern!r}, which its README.md configs list.")
-        for path in files:
-            check_shard(path)
 
 
 def load_metaworld_dataset(path_or_repo_id: str | os.PathLike, config: str, split: str = "train", **kwargs) -> Dataset:
@@ -90,16 +50,16 @@ def load_metaworld_dataset(path_or_repo_id: str | os.PathLike, config: str, spli
         partial = describe_partial(local)
         if partial is not None:
             raise ValueError(partial)
-        configs = _local_configs(local)
-        if configs is None:
+        configs = config_files(local)
+        if not configs:
             raise ValueError(
                 f"{local} has no README.md with a `configs:` section; it is not a dataset folder written by "
                 "harmodt-generate-data or harmodt-convert-official."
             )
         if config not in configs:
             raise ValueError(f"Config {config!r} is not in {local}. Available configs: {', '.join(configs)}.")
-        _check_local_shards(local, configs[config])
-        path_or_repo_id = str(local)
+        for path in configs[config]:
+            check_shard(local / path)
     ds = load_dataset(str(path_or_repo_id), config, split=split, **kwargs)
     check_episode_schema(ds)
     if not local.is_dir():

@@ -1,4 +1,4 @@
-"""The episode format: one row per episode, its ``datasets`` features and a check of a dataset's columns.
+"""The episode format: one row per episode and its ``datasets`` features.
 
 Columns (``EPISODE_FEATURES``): ``observations`` (T×39 float32), ``actions`` (T×4 float32),
 ``rewards``/``terminations``/``truncations``/``success`` (length T), ``task_name``, ``task_id`` (index in the
@@ -6,8 +6,6 @@ canonical MT50 order), ``episode_index``, ``noise_level`` (NaN where unknown) an
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from datasets import Features, List, Value
 
@@ -35,27 +33,3 @@ STATS_FILENAME = "stats.json"
 def describe_episode_format() -> str:
     """The expected columns and their ``datasets`` types, one per line (used in error messages)."""
     return "\n".join(f"  {name}: {feature!r}" for name, feature in EPISODE_FEATURES.items())
-
-
-def check_episode_schema(ds: Any) -> None:
-    """Raise ``ValueError`` naming every missing or mistyped column of ``ds`` (a ``Dataset`` or its ``Features``).
-
-    Extra columns are allowed.
-    """
-    features = ds if isinstance(ds, Features) else getattr(ds, "features", None)
-    if features is None:
-        raise ValueError(f"Cannot check the episode schema of {type(ds).__name__}: it has no `features`.")
-    problems = []
-    for name, expected in EPISODE_FEATURES.items():
-        if name not in features:
-            problems.append(f"missing column {name!r}")
-        elif features[name] != expected:
-            problems.append(f"column {name!r} has type {features[name]!r}, expected {expected!r}")
-    if problems:
-        raise ValueError(
-            "Not a Meta-World episode dataset: "
-            + "; ".join(problems)
-            + ".\nExpected one episode per row with columns:\n"
-            + describe_episode_format()
-            + "\nGenerate data with harmodt-generate-data or convert the official data with harmodt-convert-official."
-        )

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datasets import Dataset, Features
 
 from harmodt_hf.data.schema import EPISODE_FEATURES, describe_episode_format
 
@@ -28,6 +29,7 @@ __all__ = [
     "STEP_COLUMNS",
     "EpisodeDataError",
     "check_episode_batches",
+    "check_episode_schema",
     "check_schema",
     "check_shard",
     "open_shard",
@@ -54,7 +56,8 @@ def _same_type(found: pa.DataType, expected: pa.DataType) -> bool:
 
 
 def check_schema(schema: pa.Schema, where: str) -> None:
-    """Every column of the episode format is present with its type (extra columns are allowed)."""
+    """Every column of the episode format is present with its type (extra columns are allowed); otherwise an
+    :class:`EpisodeDataError` starting with ``where`` names every missing or mistyped column."""
     expected = EPISODE_FEATURES.arrow_schema
     problems = []
     for field in expected:
@@ -65,9 +68,16 @@ def check_schema(schema: pa.Schema, where: str) -> None:
             problems.append(f"column {field.name!r} has type {schema.field(index).type}, expected {field.type}")
     if problems:
         raise EpisodeDataError(
-            f"{where}: {'; '.join(problems)}. It is not a shard of Meta-World episodes, which hold one episode per "
-            f"row with columns:\n{describe_episode_format()}"
+            f"{where}: {'; '.join(problems)}. Meta-World episode data holds one episode per row with columns:\n"
+            f"{describe_episode_format()}\nGenerate data with harmodt-generate-data or convert the official data with "
+            "harmodt-convert-official."
         )
+
+
+def check_episode_schema(ds: Dataset | Features) -> None:
+    """:func:`check_schema` of a ``datasets.Dataset`` or its ``Features``."""
+    features = ds if isinstance(ds, Features) else ds.features
+    check_schema(features.arrow_schema, "Not a Meta-World episode dataset")
 
 
 def _rows(rows: np.ndarray, first_row: int, batch: pa.RecordBatch) -> str:

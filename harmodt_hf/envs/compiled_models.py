@@ -1,11 +1,10 @@
 """Compile each MuJoCo model file once per process and give every new environment its own copy.
 
-Building a Meta-World environment is almost entirely ``mujoco.MjModel.from_xml_path`` (~0.1 s per environment on a
-2-core CPU: XML, meshes, textures); copying a compiled model takes ~9 ms. An evaluation builds one environment per
-episode (500 for MT50 x 10), so :func:`make_env <harmodt_hf.envs.make_env>` builds them inside
-:func:`reuse_compiled_models`. Every environment still gets its own ``MjModel`` (Meta-World changes model fields such
-as body positions on reset), copied from a pristine one that no environment holds, so the simulation is the same
-as after a fresh compile (tests/test_compiled_models.py compares 60-step episodes).
+Building a Meta-World environment is almost entirely ``mujoco.MjModel.from_xml_path``, ten times the cost of copying
+a compiled model (``benchmarks/RESULTS.md``), and an evaluation builds one environment per episode, so
+:func:`make_env <harmodt_hf.envs.make_env>` builds them inside :func:`reuse_compiled_models`. Every environment
+still gets its own ``MjModel`` (Meta-World changes model fields such as body positions on reset), copied from a
+pristine one that no environment holds, so the simulation is the same as after a fresh compile.
 """
 
 from __future__ import annotations

@@ -20,21 +20,17 @@ class TaskGoals(NamedTuple):
 
 
 @lru_cache(maxsize=64)
-def _memoised_task_goals(task_name: str, seed: int) -> TaskGoals:
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
-    return TaskGoals(ALL_V3_ENVIRONMENTS[task_name], cached_goals(task_name, seed))
-
-
 def task_goals(task_name: str, seed: int = 0) -> TaskGoals:
     """The env class and goal list of ``MT1(task_name, seed)``, kept for the process (and on disk, see
     :mod:`harmodt_hf.envs.goal_cache`)."""
-    return _memoised_task_goals(check_task_name(task_name), seed)
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    return TaskGoals(ALL_V3_ENVIRONMENTS[check_task_name(task_name)], cached_goals(task_name, seed))
 
 
 def forget_task_goals() -> None:
     """Drop this process's goal lists (the next use reads the disk cache or builds ``MT1`` again)."""
-    _memoised_task_goals.cache_clear()
+    task_goals.cache_clear()
 
 
 def goals(task_name: str, seed: int = 0) -> list:

@@ -1,11 +1,9 @@
 """An on-disk cache of Meta-World goal lists: ``MT1(task, seed).train_tasks`` built once per machine, not per process.
 
-Building ``metaworld.MT1(task)`` samples the task's 50 goals through a fresh environment (~0.5 s per task here), and
-every evaluation worker, data-generation worker and evaluation during training builds it again for its tasks. The
-goal list only depends on the task, the seed and the Meta-World/MuJoCo versions, so it is stored once under
-``$HARMODT_HF_CACHE`` (default ``$HF_HOME/harmodt_hf``), in a folder named after those versions, and read back
-afterwards. A file that cannot be read is rebuilt and replaced; writes are atomic (a half-written file is never
-read).
+Building ``metaworld.MT1(task)`` samples the task's 50 goals through a fresh environment, in every worker that needs
+them. The goal list only depends on the task, the seed and the Meta-World/MuJoCo versions, so it is stored once under
+``$HARMODT_HF_CACHE`` (default ``$HF_HOME/harmodt_hf``), in a folder named after those versions. A file that cannot
+be read is rebuilt and replaced; writes are atomic.
 
 The file is plain JSON, never a pickle: a Meta-World goal is ``Task(env_name, data)`` whose ``data`` is a pickle of
 ``{"rand_vec": array, "env_cls": class, "partially_observable": bool}``. The cache keeps the numbers (``rand_vec``

@@ -31,26 +31,18 @@ class HarmoDTPolicy:
     from the model's config: state mean/std, ``target_returns``, ``return_scale`` and the stored prompts.
 
     The policy does not change the model's train/eval mode: call ``model.eval()`` first (``evaluate`` does). It acts
-    inside ``model.masked_weights_cached()``: each task's masked weights ``W ⊙ M[t]`` are built once and kept in the
-    model between steps (≈ 19 MB per task in float32 at the paper size) until another forward or
-    ``model.cache_masked_weights(False)`` drops them, and every sample runs through the same kernels whatever else is
-    in the batch.
+    inside ``model.masked_weights_cached()``: each task's masked weights ``W ⊙ M[t]`` are built once and kept until
+    another forward or ``model.cache_masked_weights(False)`` drops them.
 
     ``precision="fp32"`` (the default, as the official evaluation) runs the model in its own dtype with autocast off;
-    ``"bf16"`` runs its forward under ``torch.autocast(device_type, torch.bfloat16)`` (about twice as fast per step
-    on a CPU with AMX at the paper size; actions then differ from fp32 ones in the third significant digit). Either
-    way the context window is kept in the model's dtype and :meth:`act` returns float32 actions.
+    ``"bf16"`` runs its forward under ``torch.autocast(device_type, torch.bfloat16)``. Either way the context window
+    is kept in the model's dtype and :meth:`act` returns float32 actions.
 
     ``cache_prompt=True`` (the default) encodes each task's prompt once per episode
-    (:meth:`~harmodt_hf.HarmoDTModel.encode_prompt`) and runs every step on the episode's tokens only: a fifth fewer
-    rows per forward at the paper size, the same actions up to float rounding (~5e-7 in fp32; either way, at one
-    thread, a policy's actions do not depend on what else is in the batch, bit for bit where the CPU's small matmuls
-    ignore the row count, as on an AMX Xeon, and up to ~1e-7 per step where they do not, as on an AVX2 EPYC).
-    ``False`` feeds the prompt tokens at every step, as the official Prompt-DT evaluation does.
-
-    ``last_action_only=True`` (the default) runs each step's forward with ``last_action_only`` (only what the action
-    reads: about a sixth less work at the paper size, the same actions up to float rounding); ``False`` runs the full
-    forward over every step of the window, as the official evaluation does.
+    (:meth:`~harmodt_hf.HarmoDTModel.encode_prompt`) and runs every step on the episode's tokens only;
+    ``last_action_only=True`` (the default) computes only what the action reads. Both give the same actions up to
+    float rounding; ``False`` runs the full forward with the prompt tokens at every step, as the official Prompt-DT
+    evaluation does (the speed-ups are in benchmarks/RESULTS.md).
 
     Example::
 
@@ -107,11 +99,13 @@ class HarmoDTPolicy:
         self._rtg = np.zeros(n, dtype=np.float64)  # current return-to-go, already divided by return_scale
         self._mean = torch.zeros(n, config.state_dim, device=dev)
         self._std = torch.ones(n, config.state_dim, device=dev)
-        self._states = torch.zeros(n, k, config.state_dim, dtype=self.dtype, device=dev)
-        self._actions = torch.zeros(n, k, config.act_dim, dtype=self.dtype, device=dev)
-        self._returns = torch.zeros(n, k, 1, dtype=self.dtype, device=dev)
-        self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)
-        self._mask = torch.zeros(n, k, dtype=torch.long, device=dev)
+        self._window = {  # every slot's context window, by the name of the model's forward argument
+            "states": torch.zeros(n, k, config.state_dim, dtype=self.dtype, device=dev),
+            "actions": torch.zeros(n, k, config.act_dim, dtype=self.dtype, device=dev),
+            "returns_to_go": torch.zeros(n, k, 1, dtype=self.dtype, device=dev),
+            "timesteps": torch.zeros(n, k, dtype=torch.long, device=dev),
+            "attention_mask": torch.zeros(n, k, dtype=torch.long, device=dev),
+        }
         self._prompt: dict[str, torch.Tensor] | PromptKeyValues | None = None
         # The encoded prompts picked out for recent sets of active slots (a pipelined evaluation alternates two).
         self._picked_prompts: dict[bytes, PromptKeyValues] = {}
@@ -162,7 +156,7 @@ class HarmoDTPolicy:
         self._rtg[index] = np.asarray([config.target_returns[i] for i in ids], dtype=np.float64) / config.return_scale
         self._mean[ix] = torch.tensor([config.state_mean[i] for i in ids], dtype=torch.float32, device=self.device)
         self._std[ix] = torch.tensor([config.state_std[i] for i in ids], dtype=torch.float32, device=self.device)
-        for buffer in (self._states, self._actions, self._returns, self._timesteps, self._mask):
+        for buffer in self._window.values():
             buffer[ix] = 0
         if config.use_prompt:
             self._store_prompts(ix, task_ids, fresh=self._prompt is None or slots is None)
@@ -276,10 +270,7 @@ class HarmoDTPolicy:
 
         # The slots' next context windows, built apart and stored only once the action is known to be finite.
         ix = torch.as_tensor(index, device=self.device)
-        states, actions, returns, timesteps, mask = (
-            buffer[ix].roll(-1, dims=1)
-            for buffer in (self._states, self._actions, self._returns, self._timesteps, self._mask)
-        )
+        window = {name: buffer[ix].roll(-1, dims=1) for name, buffer in self._window.items()}
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         normalised = ((obs_t - self._mean[ix]) / (self._std[ix] + STD_EPSILON)).to(self.dtype)
         bad = ~torch.isfinite(normalised).all(dim=1).cpu().numpy()
@@ -288,11 +279,11 @@ class HarmoDTPolicy:
                 f"the normalised observation of {self._slot_names(index, bad)} leaves the range of {self.dtype}: "
                 "no slot was changed"
             )
-        states[:, -1] = normalised
-        actions[:, -1] = 0
-        returns[:, -1, 0] = torch.as_tensor(rtg, dtype=self.dtype, device=self.device)
-        timesteps[:, -1] = torch.as_tensor(self._steps[index], device=self.device)
-        mask[:, -1] = 1
+        window["states"][:, -1] = normalised
+        window["actions"][:, -1] = 0
+        window["returns_to_go"][:, -1, 0] = torch.as_tensor(rtg, dtype=self.dtype, device=self.device)
+        window["timesteps"][:, -1] = torch.as_tensor(self._steps[index], device=self.device)
+        window["attention_mask"][:, -1] = 1
 
         prompt = {}
         if isinstance(self._prompt, PromptKeyValues):
@@ -301,11 +292,7 @@ class HarmoDTPolicy:
             prompt["prompt"] = {key: value[ix] for key, value in self._prompt.items()}
         with self._autocast(), self._weights_cached():
             output = self.model(
-                states=states,
-                actions=actions,
-                returns_to_go=returns,
-                timesteps=timesteps,
-                attention_mask=mask,
+                **window,
                 task_ids=self._task_ids[ix],
                 last_action_only=self.last_action_only,
                 return_dict=True,
@@ -318,13 +305,9 @@ class HarmoDTPolicy:
                 f"the model gave a non-finite action for {self._slot_names(index, bad)} at steps "
                 f"{self._steps[index][bad].tolist()} (returns-to-go {rtg[bad].tolist()}): no slot was changed"
             )
-        actions[:, -1] = action.to(self.dtype)
-        for buffer, new in zip(
-            (self._states, self._actions, self._returns, self._timesteps, self._mask),
-            (states, actions, returns, timesteps, mask),
-            strict=True,
-        ):
-            buffer[ix] = new
+        window["actions"][:, -1] = action.to(self.dtype)
+        for name, buffer in self._window.items():
+            buffer[ix] = window[name]
         self._rtg[index] = rtg
         self._steps[index] += 1
         return action.float().cpu().numpy()

@@ -4,10 +4,7 @@ Protocol of :func:`evaluate` (the official one): episode ``e`` of a task uses go
 lasts at most 500 steps, and succeeds when ``info['success']`` is set at any step; the return-to-go starts at the
 model config's target return for the task and is decremented by every reward. All running episodes of all tasks are
 advanced together with one policy call per step, while the environments step in worker processes.
-
-The policy lives in :mod:`.policy` and the environments in :mod:`.workers`; their public names
-(:class:`HarmoDTPolicy`, :class:`EpisodeSpec`, :func:`episode_reset_seed`, :func:`write_video`, ...) are re-exported
-here.
+The policy lives in :mod:`.policy` and the environments in :mod:`.workers` (their public names are re-exported here).
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from harmodt_hf.evaluation.policy import PRECISIONS, STD_EPSILON, HarmoDTPolicy, check_precision
 from harmodt_hf.evaluation.workers import (
@@ -107,11 +105,6 @@ def _rollout(
     out.env_setup_s = time.perf_counter() - start
     rewards = np.zeros(num_episodes)
     all_waves = [_Wave(episodes) for episodes in envs.waves(waves)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_steps, desc="evaluate", unit="step")
 
     def act_and_send(wave: _Wave) -> None:
         obs = np.stack([observations[i] for i in wave.active])
@@ -127,7 +120,8 @@ def _rollout(
 
     def receive(wave: _Wave) -> None:
         started = time.perf_counter()
-        results, wave.ticket = envs.receive_step(wave.ticket), None
+        (results, videos), wave.ticket = envs.receive_step(wave.ticket), None
+        out.videos.update(videos)
         out.env_wait_s += time.perf_counter() - started
         for i in wave.active:
             observations[i], rewards[i], success, done = results[i]
@@ -140,7 +134,7 @@ def _rollout(
         wave.active = [i for i in wave.active if i not in ended]
         wave.steps += 1
 
-    try:
+    with tqdm(total=max_steps, desc="evaluate", unit="step", disable=not progress) as bar:
         running = [wave for wave in all_waves if wave.active]
         for wave in running:
             act_and_send(wave)
@@ -150,15 +144,12 @@ def _rollout(
                 if wave.active and wave.steps < max_steps:
                     act_and_send(wave)
             running = [wave for wave in running if wave.ticket is not None]
-            if bar is not None:
+            if progress:
                 running_episodes = sum(len(w.active) for w in running)
                 bar.set_postfix(running=running_episodes, successes=int(out.successes.sum()), refresh=False)
                 bar.update(max(w.steps for w in all_waves) - bar.n)
-        finished = [i for wave in all_waves for i in wave.ended + wave.active]
-        out.videos.update(envs.finish(finished, {i: bool(out.successes[i]) for i in finished}))
-    finally:
-        if bar is not None:
-            bar.close()
+    finished = [i for wave in all_waves for i in wave.ended + wave.active]
+    out.videos.update(envs.finish(finished, {i: bool(out.successes[i]) for i in finished}))
     return out
 
 
@@ -177,7 +168,6 @@ def evaluate(
     progress: bool = False,
     env_factory: EnvFactory | None = None,
     worker_timeout: float = 300.0,
-    start_method: str = "forkserver",
     torch_threads: int | None = None,
     precision: str = "fp32",
     pipeline: bool | None = None,
@@ -206,18 +196,12 @@ def evaluate(
         env_factory: ``(task, goal_index, seed) -> env`` replacing :func:`harmodt_hf.envs.make_env` (must be
             picklable when workers are used).
         worker_timeout: seconds to wait for a worker's reply before reporting it as stuck.
-        start_method: multiprocessing start method of the workers.
         torch_threads: torch CPU threads during the rollouts (restored afterwards); ``None`` leaves them as they are.
-            With 1 thread the actions of an episode were bit-identical whatever else was in the batch on an AMX
-            Xeon; on an AVX2 EPYC small matmuls round differently with the row count (~1e-7 per step, ≤ 1e-4 after
-            40 steps measured). With more threads the CPU matmul kernels can change the last bits (~3e-7 measured at
-            batch 30) and the simulator can amplify that over an episode. 1 is also much faster on a machine whose
-            cores are already busy.
-        precision: ``"fp32"`` (default, as the official evaluation) or ``"bf16"``: the policy's forward then runs under
-            ``torch.autocast(device, torch.bfloat16)`` with the masked weights cast to bf16 once (see
-            :class:`HarmoDTPolicy`). About twice as fast per step on a CPU with AMX at the paper size; actions differ
-            from fp32 ones in the third significant digit, which can change individual episodes. Episodes, seeds
-            and result keys are the same either way; the results record the precision.
+            With more than one thread the CPU matmul kernels can change the last bits of an action, which the
+            simulator can amplify over an episode (measurements in benchmarks/RESULTS.md).
+        precision: ``"fp32"`` (default, as the official evaluation) or ``"bf16"`` (the policy's forward under
+            ``torch.autocast``, see :class:`HarmoDTPolicy`): actions then differ from fp32 ones in the third
+            significant digit, which can change individual episodes. The results record the precision.
         pipeline: split the episodes into two waves owned by different env workers and let the policy act for one
             wave while the other's environments step (``None``: on when there are at least two workers). Every
             episode gets the same actions either way; it saves the time the policy would wait for the envs.
@@ -283,7 +267,7 @@ def evaluate(
         if workers <= 1:
             envs = LocalEnvs(specs, seed, **env_kwargs)
         else:
-            envs = WorkerEnvs(specs, seed, workers, worker_timeout, start_method, **env_kwargs)
+            envs = WorkerEnvs(specs, seed, workers, worker_timeout, **env_kwargs)
         pipelined = workers > 1 and (pipeline is None or bool(pipeline))
         out = _rollout(
             policy, envs, num_episodes, max_steps, stop_on_success, record_actions, progress, 2 if pipelined else 1
@@ -348,7 +332,7 @@ def evaluate(
 
 
 # ================================================================================================ plots
-def plot_success(results: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+def plot_success(results: dict[str, Any], path: str | Path) -> Path:
     """Bar chart of per-task success rate (%) with the mean as a dashed line, saved as a PNG at ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -369,7 +353,7 @@ def plot_success(results: dict[str, Any], path: str | Path, title: str | None = 
     ax.set_ylabel("task")
     episodes, precision = results.get("episodes_per_task"), results.get("precision", "fp32")
     note = "" if precision == "fp32" else f", {precision} policy"
-    ax.set_title(title or f"Success per task ({episodes} episodes each, seed {results.get('seed')}{note})")
+    ax.set_title(f"Success per task ({episodes} episodes each, seed {results.get('seed')}{note})")
     ax.legend(loc="lower right")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

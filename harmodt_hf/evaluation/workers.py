@@ -1,8 +1,8 @@
 """Evaluation environments: episode specs and reset seeds, in-process and worker-process env sets, videos.
 
 :func:`harmodt_hf.evaluation.evaluate` describes every episode by an :class:`EpisodeSpec` and steps the environments
-either in this process (:class:`LocalEnvs`) or in worker processes (:class:`WorkerEnvs`, each serving an
-:class:`_EnvSet` from :func:`_worker_main`). A failing or lost environment becomes a ``RuntimeError`` naming the
+either in this process (:class:`LocalEnvs`) or in worker processes (:class:`WorkerEnvs`, each serving a
+:class:`LocalEnvs` from :func:`_worker_main`). A failing or lost environment becomes a ``RuntimeError`` naming the
 episode's task and seeds.
 """
 
@@ -56,23 +56,15 @@ def default_env_factory(task: str, goal_index: int, seed: int):
     return make_env(task, goal_index, seed)
 
 
-class _EpisodeError(Exception):
-    """An environment of one episode failed; carries the episode index and the formatted traceback."""
-
-    def __init__(self, index: int, details: str) -> None:
-        super().__init__(details)
-        self.index = index
-        self.details = details
-
-
-class _EnvSet:
-    """Owns the environments of some episodes: creates, resets and steps them and records their videos."""
+class LocalEnvs:
+    """Owns the environments of some episodes: creates, resets and steps them and records their videos. All the
+    environments of an evaluation with ``num_workers`` 0 or 1; a subset in each worker process otherwise."""
 
     def __init__(
         self,
         specs: Sequence[EpisodeSpec],
-        env_factory: EnvFactory,
         seed: int,
+        env_factory: EnvFactory,
         video_dir: str | None,
         video_format: str,
     ) -> None:
@@ -87,8 +79,21 @@ class _EnvSet:
     def _guard(self, index: int, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except Exception as error:  # reported to the parent with the episode's task and seed
-            raise _EpisodeError(index, "".join(traceback.format_exception(error))) from error
+        except Exception as error:
+            details = "".join(traceback.format_exception(error))
+            raise RuntimeError(f"Environment failed for {self.specs[index].describe(self.seed)}:\n{details}") from error
+
+    def waves(self, count: int) -> list[list[int]]:
+        """Envs in one process step one after another: there is nothing to overlap, so one wave of every episode."""
+        return [list(self.specs)]
+
+    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int], successes: dict[int, bool]) -> tuple:
+        """Close ``finish`` and step now; :meth:`receive_step` hands the results back (as :class:`WorkerEnvs`)."""
+        videos = self.finish(finish, successes)
+        return self.step(actions), videos
+
+    def receive_step(self, ticket: tuple) -> tuple[dict, dict[int, str]]:
+        return ticket
 
     def reset(self) -> dict[int, np.ndarray]:
         observations = {}
@@ -141,13 +146,10 @@ class _EnvSet:
 
 
 def _prepare_rendering(env) -> None:
-    """Offscreen RGB rendering (EGL unless ``MUJOCO_GL`` says otherwise) without shadows or multisampling.
-
-    Under software EGL (Mesa llvmpipe, what a machine without a GPU has) shadows dominate the cost: about 0.35 s per
-    480x480 frame with them, 0.05 s without.
-    """
+    """Offscreen RGB rendering (EGL unless ``MUJOCO_GL`` says otherwise) without shadows or multisampling (shadows
+    cost ~7x per frame under software EGL)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    env.render_mode = "rgb_array"
+    env.unwrapped.render_mode = "rgb_array"
     quality = env.unwrapped.model.vis.quality
     quality.shadowsize = 0
     quality.offsamples = 0
@@ -178,52 +180,9 @@ def check_mp4_support() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ env backends
-class LocalEnvs:
-    """All environments in this process (``num_workers`` 0 or 1)."""
-
-    def __init__(self, specs: Sequence[EpisodeSpec], seed: int, **env_kwargs) -> None:
-        self.specs, self.seed = list(specs), seed
-        self.envs = _EnvSet(specs, seed=seed, **env_kwargs)
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except _EpisodeError as error:
-            raise _episode_failure(self.specs[error.index], self.seed, error.details) from None
-
-    def reset(self) -> dict[int, np.ndarray]:
-        return self._call(self.envs.reset)
-
-    def waves(self, count: int) -> list[list[int]]:
-        """In-process envs step one after another: there is nothing to overlap, so one wave of every episode."""
-        return [[spec.index for spec in self.specs]]
-
-    def step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
-        if finish:
-            self.finish(finish, successes or {})
-        return self._call(lambda: self.envs.step(actions))
-
-    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
-        """Step now (there are no workers); :meth:`receive_step` hands the results back."""
-        return self.step(actions, finish, successes)
-
-    def receive_step(self, ticket: dict) -> dict:
-        return ticket
-
-    def finish(self, indices: Sequence[int], successes: dict[int, bool]) -> dict[int, str]:
-        return self._call(lambda: self.envs.finish(indices, successes))
-
-    def close(self) -> None:
-        self.envs.close()
-
-
-def _episode_failure(spec: EpisodeSpec, seed: int, details: str) -> RuntimeError:
-    return RuntimeError(f"Environment failed for {spec.describe(seed)}:\n{details}")
-
-
 def _worker_main(conn, specs: list[EpisodeSpec], seed: int, env_kwargs: dict) -> None:
-    """Worker process: owns an ``_EnvSet`` and serves ``reset``/``step``/``finish``/``close`` requests."""
-    envs = _EnvSet(specs, seed=seed, **env_kwargs)
+    """Worker process: owns a :class:`LocalEnvs` and serves ``reset``/``step``/``close`` requests."""
+    envs = LocalEnvs(specs, seed=seed, **env_kwargs)
     try:
         while True:
             command, *payload = conn.recv()
@@ -231,17 +190,13 @@ def _worker_main(conn, specs: list[EpisodeSpec], seed: int, env_kwargs: dict) ->
                 if command == "reset":
                     reply = envs.reset()
                 elif command == "step":
-                    actions, finish, successes = payload
-                    videos = envs.finish(finish, successes) if finish else {}
-                    reply = (envs.step(actions), videos)
-                elif command == "finish":
-                    reply = envs.finish(*payload)
+                    reply = envs.send_step(*payload)
                 elif command == "close":
                     break
                 else:
                     raise ValueError(f"unknown command {command!r}")
-            except _EpisodeError as error:
-                conn.send(("error", error.index, error.details))
+            except RuntimeError as error:  # an environment failed: the message names its episode
+                conn.send(("error", str(error)))
                 continue
             conn.send(("ok", reply))
     except (EOFError, KeyboardInterrupt):
@@ -264,16 +219,13 @@ class WorkerEnvs:
         seed: int,
         num_workers: int,
         timeout: float,
-        start_method: str,
         **env_kwargs,
     ) -> None:
         self.specs, self.seed, self.timeout = list(specs), seed, timeout
-        context = mp.get_context(start_method)
-        if start_method == "forkserver":
-            context.set_forkserver_preload(["harmodt_hf.evaluation.workers", "metaworld"])
-        # Whole tasks go round-robin to workers (each worker reads the goals and compiles the MuJoCo model of its own
-        # tasks only); with fewer tasks than workers, episodes go round-robin instead (contiguous runs of episodes
-        # were tried: with stop_on_success the episodes of hard tasks then run on on few workers, 2x slower per step).
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(["harmodt_hf.evaluation.workers", "metaworld"])
+        # Whole tasks go round-robin to workers (each builds the goals and MuJoCo models of its own tasks only); with
+        # fewer tasks than workers, episodes go round-robin (so the long episodes of a hard task are spread out).
         tasks = list(dict.fromkeys(spec.task for spec in self.specs))
         if len(tasks) >= num_workers:
             self.owned = [[s for s in self.specs if tasks.index(s.task) % num_workers == w] for w in range(num_workers)]
@@ -312,9 +264,7 @@ class WorkerEnvs:
             proc.join(timeout=5)  # the pipe closes as the process exits: wait for its exit code
             raise self._worker_lost(worker, f"died (exit code {proc.exitcode})") from None
         if status == "error":
-            index, details = payload
-            spec = next(s for s in self.owned[worker] if s.index == index)
-            raise _episode_failure(spec, self.seed, details)
+            raise RuntimeError(payload[0])
         return payload[0]
 
     def _worker_lost(self, worker: int, what: str) -> RuntimeError:
@@ -330,9 +280,6 @@ class WorkerEnvs:
                 raise self._worker_lost(worker, "closed its pipe") from None
         return list(messages)
 
-    def _request(self, messages: dict[int, tuple]) -> dict[int, Any]:
-        return {worker: self._receive(worker) for worker in self._send(messages)}
-
     def waves(self, count: int) -> list[list[int]]:
         """The episodes split into at most ``count`` waves, each owned by its own workers (worker ``w`` goes to wave
         ``w % count``): one wave's environments can step while the policy acts for another."""
@@ -343,17 +290,13 @@ class WorkerEnvs:
 
     def reset(self) -> dict[int, np.ndarray]:
         observations = {}
-        for reply in self._request({w: ("reset",) for w in range(len(self.procs))}).values():
-            observations.update(reply)
+        for worker in self._send({w: ("reset",) for w in range(len(self.procs))}):
+            observations.update(self._receive(worker))
         return observations
 
-    def step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> dict:
-        return self.receive_step(self.send_step(actions, finish, successes))
-
-    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int] = (), successes=None) -> list[int]:
+    def send_step(self, actions: dict[int, np.ndarray], finish: Sequence[int], successes: dict[int, bool]) -> list:
         """Send one step of the given episodes to their workers (and close ``finish``); returns the ticket for
         :meth:`receive_step`. Until then the workers step while this process goes on."""
-        successes = successes or {}
         per_worker: dict[int, tuple[dict, list, dict]] = {}
         for index, action in actions.items():
             per_worker.setdefault(self.owner[index], ({}, [], {}))[0][index] = action
@@ -363,22 +306,19 @@ class WorkerEnvs:
             entry[2][index] = successes.get(index, False)
         return self._send({w: ("step", *entry) for w, entry in per_worker.items()})
 
-    def receive_step(self, ticket: list[int]) -> dict:
-        """``{index: (obs, reward, success, done)}`` of the step sent with ``ticket``."""
-        results = {}
+    def receive_step(self, ticket: list[int]) -> tuple[dict, dict[int, str]]:
+        """``{index: (obs, reward, success, done)}`` of the step sent with ``ticket``, and the videos of the episodes
+        it closed."""
+        results, videos = {}, {}
         for worker in ticket:
-            step_results, _videos = self._receive(worker)
+            step_results, closed = self._receive(worker)
             results.update(step_results)
-        return results
+            videos.update(closed)
+        return results, videos
 
     def finish(self, indices: Sequence[int], successes: dict[int, bool]) -> dict[int, str]:
-        per_worker: dict[int, list[int]] = {}
-        for index in indices:
-            per_worker.setdefault(self.owner[index], []).append(index)
-        videos = {}
-        for reply in self._request({w: ("finish", idx, successes) for w, idx in per_worker.items()}).values():
-            videos.update(reply)
-        return videos
+        """Close the environments of ended episodes; returns ``{index: video path}``."""
+        return self.receive_step(self.send_step({}, indices, successes))[1]
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs, strict=True):

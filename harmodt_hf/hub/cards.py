@@ -20,7 +20,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from harmodt_hf.model.masks import mask_density, mask_overlap_counts, pairwise_iou
-from harmodt_hf.tasks import TASK_SETS
+from harmodt_hf.tasks import task_set_name
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md.j2"
 LIBRARY_NAME = "transformers"
@@ -233,38 +233,25 @@ def _variant(model: torch.nn.Module, training_summary: Mapping[str, Any] | None)
     return "prompt-dt" if config.use_prompt else "mtdt"
 
 
-def _task_set_name(tasks: list[str]) -> str | None:
-    return next((name for name, members in TASK_SETS.items() if sorted(members) == sorted(tasks)), None)
-
-
 def _eval_metadata(tasks: list[str], eval_results: Mapping[str, Any]) -> list[EvalResult]:
     """One model-index result per task (success rate in %) plus the mean over tasks."""
-    set_name = _task_set_name(tasks)
-    common = dict(task_type="reinforcement-learning", task_name="Multi-task offline reinforcement learning")
-    results = [
+    set_name = task_set_name(tasks)
+    mean_name = f"Meta-World {set_name.upper()}" if set_name else f"Meta-World ({len(tasks)} tasks)"
+    rows = [(mean_name, set_name or "all-evaluated-tasks", "mean_success_rate", eval_results["mean_success_rate"])]
+    rows += [(f"Meta-World {t}", t, "success_rate", eval_results["per_task"][t]["success_rate"]) for t in tasks]
+    return [
         EvalResult(
-            **common,
+            task_type="reinforcement-learning",
+            task_name="Multi-task offline reinforcement learning",
             dataset_type="metaworld",
-            dataset_name=f"Meta-World {set_name.upper()}" if set_name else f"Meta-World ({len(tasks)} tasks)",
-            dataset_config=set_name or "all-evaluated-tasks",
-            metric_type="mean_success_rate",
-            metric_name="mean success rate (%)",
-            metric_value=round(100.0 * float(eval_results["mean_success_rate"]), 2),
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            metric_type=metric,
+            metric_name=metric.replace("_", " ") + " (%)",
+            metric_value=round(100.0 * float(rate), 2),
         )
+        for dataset_name, dataset_config, metric, rate in rows
     ]
-    for task in tasks:
-        results.append(
-            EvalResult(
-                **common,
-                dataset_type="metaworld",
-                dataset_name=f"Meta-World {task}",
-                dataset_config=task,
-                metric_type="success_rate",
-                metric_name="success rate (%)",
-                metric_value=round(100.0 * float(eval_results["per_task"][task]["success_rate"]), 2),
-            )
-        )
-    return results
 
 
 def _success_count(entry: Mapping[str, Any]) -> int:
@@ -317,8 +304,6 @@ def build_model_card(
     dataset_repo: str | None = None,
     figures: Mapping[str, str] | None = None,
     repo_id: str | None = None,
-    license: str = "apache-2.0",
-    template_path: str | Path = TEMPLATE_PATH,
 ) -> ModelCard:
     """The model card: metadata (tags, datasets, model-index with one success-rate result per task plus the mean)
     and a body with the results table, mask statistics, training settings, usage and citation.
@@ -332,14 +317,9 @@ def build_model_card(
     tasks = check_eval_results(model, eval_results)
     figures = _check_figures(figures)
     config = model.config
-    template_path = Path(template_path)
-    if not template_path.is_file():
-        raise FileNotFoundError(
-            f"Model card template {template_path} is missing (it ships in the package: harmodt_hf/hub/templates)."
-        )
     variant = _variant(model, training_summary)
     label, note = VARIANT_LABELS[variant]
-    set_name = _task_set_name(tasks)
+    set_name = task_set_name(tasks)
     model_name = repo_id.split("/")[-1] if repo_id else f"{variant}-{set_name or f'{len(tasks)}-tasks'}"
 
     densities: dict[str, float] = {}
@@ -373,7 +353,7 @@ def build_model_card(
 
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
-        license=license,
+        license="apache-2.0",
         tags=list(TAGS) + [variant],
         datasets=[dataset_repo] if dataset_repo else None,
         pipeline_tag="reinforcement-learning",
@@ -381,7 +361,7 @@ def build_model_card(
         eval_results=_eval_metadata(tasks, eval_results),
     )
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    template = env.from_string(template_path.read_text(encoding="utf-8"))
+    template = env.from_string(TEMPLATE_PATH.read_text(encoding="utf-8"))
     content = template.render(
         card_data=card_data.to_yaml(),
         title=f"{label} on Meta-World {set_name.upper() if set_name else f'({len(tasks)} tasks)'}",
@@ -490,19 +470,15 @@ def write_model_folder(
     """A Hub-ready model folder: ``save_pretrained`` weights and config, the card (``README.md``), its figures, the
     evaluation results (``results.json``), the training summary and an optional rollout video.
 
-    The inputs are checked before anything is written; the finished folder passes
+    The inputs are checked before anything is written (:func:`write_card_files` first); the finished folder passes
     :func:`harmodt_hf.hub.push.validate_model_folder`, so ``push_model(folder, repo_id)`` accepts it.
     """
     from harmodt_hf.hub.push import validate_model_folder
 
-    check_eval_results(model, eval_results)
-    _check_video(video)
-    summary = _load_summary(training_summary)
-    folder = Path(folder)
+    write_card_files(model, folder, eval_results, training_summary, video, dataset_repo=dataset_repo, repo_id=repo_id)
     model.save_pretrained(folder)
-    write_card_files(model, folder, eval_results, summary, video, dataset_repo=dataset_repo, repo_id=repo_id)
     validate_model_folder(folder)
-    return folder
+    return Path(folder)
 
 
 __all__ = [

@@ -27,33 +27,29 @@ from harmodt_hf.hub.push import (
     validate_model_folder,
 )
 
-DESCRIPTION = "Upload a model folder or a dataset folder to the Hugging Face Hub, checked before and after."
 
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``harmodt-push model``."""
-    parser.add_argument("folder", help="model folder to upload (as written by save_pretrained, plus README.md)")
-    parser.add_argument("repo_id", help="target model repo, 'namespace/name'")
-    parser.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
-    parser.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
-    parser.add_argument("--message", default=None, help="commit message")
-    parser.add_argument(
+def build_parser() -> argparse.ArgumentParser:
+    """``harmodt-push {model,dataset} FOLDER REPO_ID [options]``."""
+    parser = argparse.ArgumentParser(
+        prog="harmodt-push",
+        description="Upload a model folder or a dataset folder to the Hugging Face Hub, checked before and after.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{model,dataset}")
+    for kind in ("model", "dataset"):
+        sub = commands.add_parser(kind, help=f"upload a {kind} folder to a {kind} repo")
+        sub.add_argument("folder", help=f"{kind} folder to upload")
+        sub.add_argument("repo_id", help=f"target {kind} repo, 'namespace/name'")
+        sub.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
+        sub.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
+        sub.add_argument("--message", default=None, help="commit message")
+    model = commands.choices["model"]
+    model.add_argument(
         "--results",
         default=None,
         help="evaluation results JSON (harmodt-evaluate --output) for the card of a folder without README.md "
         "(default: <folder>/results.json)",
     )
-    parser.add_argument("--dataset-repo", default=None, help="Hub dataset id the model was trained on (card metadata)")
-    return parser
-
-
-def add_dataset_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``harmodt-push dataset``."""
-    parser.add_argument("folder", help="dataset folder to upload")
-    parser.add_argument("repo_id", help="target dataset repo, 'namespace/name'")
-    parser.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
-    parser.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
-    parser.add_argument("--message", default=None, help="commit message")
+    model.add_argument("--dataset-repo", default=None, help="Hub dataset id the model was trained on (card metadata)")
     return parser
 
 
@@ -77,10 +73,9 @@ def ensure_card(folder: Path, repo_id: str, results: str | None, dataset_repo: s
     from harmodt_hf.hub.cards import write_card_files
     from harmodt_hf.model import HarmoDTModel
 
-    model = HarmoDTModel.from_pretrained(folder)
     summary = folder / "training_summary.json"
     write_card_files(
-        model,
+        HarmoDTModel.from_pretrained(folder),
         folder,
         json.loads(results_path.read_text()),
         summary if summary.is_file() else None,
@@ -90,54 +85,32 @@ def ensure_card(folder: Path, repo_id: str, results: str | None, dataset_repo: s
     return True
 
 
-def run_push_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Build a missing card, push the model folder, print the commit URL."""
+def main(argv: list[str] | None = None) -> int:
+    """``harmodt-push {model,dataset} ...``: build a model folder's missing card, push, print the commit URL."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = dict(private=args.private, revision=args.revision, commit_message=args.message)
     try:
-        if ensure_card(Path(args.folder), args.repo_id, args.results, args.dataset_repo):
-            print(f"Wrote a model card to {Path(args.folder) / 'README.md'}")
-        commit = push_model(
-            args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.message
-        )
+        if args.command == "dataset":
+            commit = push_dataset(args.folder, args.repo_id, **options)
+        else:
+            if ensure_card(Path(args.folder), args.repo_id, args.results, args.dataset_repo):
+                print(f"Wrote a model card to {Path(args.folder) / 'README.md'}")
+            commit = push_model(args.folder, args.repo_id, **options)
     except (ValueError, OSError, HubPushError) as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
-    print(commit)
-    return 0
-
-
-def run_push_dataset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Push the dataset folder, print the commit URL."""
-    try:
-        commit = push_dataset(
-            args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.message
-        )
-    except (ValueError, OSError, HubPushError) as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+        parser.exit(1, f"{parser.prog} {args.command}: error: {err}\n")
     print(commit)
     return 0
 
 
 def push_model_main(argv: list[str] | None = None) -> int:
     """``harmodt-push model`` (also ``training/push_model.py``)."""
-    parser = add_model_arguments(argparse.ArgumentParser(prog="push_model", description="Upload a model folder."))
-    return run_push_model(parser.parse_args(argv), parser)
+    return main(["model", *(sys.argv[1:] if argv is None else argv)])
 
 
 def push_dataset_main(argv: list[str] | None = None) -> int:
     """``harmodt-push dataset`` (also ``dataset_scripts/push_dataset.py``)."""
-    parser = add_dataset_arguments(argparse.ArgumentParser(prog="push_dataset", description="Upload a dataset folder."))
-    return run_push_dataset(parser.parse_args(argv), parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``harmodt-push {model,dataset} ...``."""
-    parser = argparse.ArgumentParser(prog="harmodt-push", description=DESCRIPTION)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{model,dataset}")
-    model = add_model_arguments(commands.add_parser("model", help="upload a model folder to a model repo"))
-    dataset = add_dataset_arguments(commands.add_parser("dataset", help="upload a dataset folder to a dataset repo"))
-    args = parser.parse_args(argv)
-    if args.command == "model":
-        return run_push_model(args, model)
-    return run_push_dataset(args, dataset)
+    return main(["dataset", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -6,10 +6,8 @@ card's ``configs:``), every local file the card links to exists and will be uplo
 After the upload: the remote tree at the target revision holds every local file with the same size and hash, so a
 half-finished upload is never reported as success.
 
-A dataset folder larger than ``large_folder_bytes`` (default :data:`LARGE_FOLDER_BYTES`) goes up with
-``HfApi.upload_large_folder`` where huggingface_hub has it (1.x): several commits, resumable by running the same
-command again. huggingface_hub 2.x has no such call because its ``upload_folder`` itself commits a large folder in
-batches and resumes an interrupted upload (with ``hf_xet``, its default).
+A dataset folder larger than :data:`LARGE_FOLDER_BYTES` goes up with ``HfApi.upload_large_folder`` where
+huggingface_hub has it (1.x; 2.x's ``upload_folder`` itself commits in batches and resumes).
 
 The endpoint, token and caches are huggingface_hub's (``HF_ENDPOINT``, ``HF_TOKEN`` / ``hf auth login``, ...).
 """
@@ -24,18 +22,18 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from hashlib import sha256
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from huggingface_hub import CommitInfo, HfApi, get_token
+from huggingface_hub import CommitInfo, HfApi, get_token, metadata_load
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
-from huggingface_hub.utils.sha import git_hash
+from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
-from harmodt_hf.data.folder import describe_partial
+from harmodt_hf.data.folder import config_files, describe_partial
 from harmodt_hf.data.validation import check_shard
 
 __all__ = [
@@ -78,29 +76,15 @@ class HubAuthError(HubPushError):
 # ---------------------------------------------------------------------------------------------------------------------
 def check_repo_id(repo_id: str) -> str:
     """Validate ``repo_id`` ("namespace/name" or "name") with huggingface_hub's rules; a clear ValueError if bad."""
-    if not isinstance(repo_id, str) or not repo_id:
-        raise ValueError(f"Invalid repo id {repo_id!r}: expected 'namespace/name'.")
     try:
+        if not isinstance(repo_id, str):
+            raise HFValidationError(f"a repo id is a string, not {type(repo_id).__name__}.")
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(
             f"Invalid repo id {repo_id!r}: {err} Use 'namespace/name' made of letters, digits, '-', '_' and '.'."
         ) from err
     return repo_id
-
-
-def _front_matter(text: str) -> tuple[dict[str, Any], str]:
-    """The card's YAML metadata (``{}`` if none) and its body."""
-    match = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.S)
-    if not match:
-        return {}, text
-    try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError as err:
-        raise ValueError(f"README.md has invalid YAML metadata: {err}") from err
-    if data is not None and not isinstance(data, dict):
-        raise ValueError("README.md YAML metadata must be a mapping.")
-    return data or {}, text[match.end() :]
 
 
 _MD_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'(][^)]*)?\)")
@@ -118,16 +102,14 @@ def card_links(text: str) -> list[str]:
     URLs with a scheme (``https:``, ``mailto:``...), protocol-relative and absolute paths, and in-page anchors are
     not local files; anchors and queries are stripped; code blocks and inline code are skipped.
     """
-    _, body = _front_matter(text)
+    body = REGEX_YAML_BLOCK.sub("", text, count=1)
     body = _INLINE_CODE.sub("", _FENCE.sub("", body))
     found: list[str] = []
     for target in [*_MD_LINK.findall(body), *_MD_REF.findall(body), *_HTML_SRC.findall(body)]:
         target = target.strip()
         if not target or target.startswith(("#", "/", "\\")) or urlsplit(target).scheme:
             continue
-        path = unquote(target.split("#", 1)[0].split("?", 1)[0])
-        if path.startswith("./"):
-            path = path[2:]
+        path = unquote(target.split("#", 1)[0].split("?", 1)[0]).removeprefix("./")
         if path and path not in found:
             found.append(path)
     return found
@@ -144,31 +126,24 @@ def _upload_list(folder: Path) -> list[str]:
     return kept
 
 
-def _check_card(folder: Path, uploads: list[str]) -> dict[str, Any]:
-    """README.md exists, its YAML parses, and every file it links to is in ``uploads``. Returns the metadata."""
+def _check_card(folder: Path, uploads: list[str]) -> None:
+    """README.md exists, its YAML parses, and every file it links to is in ``uploads``."""
     readme = folder / "README.md"
     if not readme.is_file():
         raise FileNotFoundError(f"{folder} has no README.md: a Hub repo needs its card.")
-    text = readme.read_text(encoding="utf-8")
-    metadata, _ = _front_matter(text)
-    upload_set = set(uploads)
-    missing, escaping = [], []
-    for link in card_links(text):
-        posix = PurePosixPath(link)
-        if ".." in posix.parts:
-            escaping.append(link)
-            continue
-        key = posix.as_posix().rstrip("/")
-        is_dir = any(u.startswith(key + "/") for u in upload_set)
-        if key not in upload_set and not is_dir:
-            missing.append(link)
+    try:
+        metadata_load(readme)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{readme} has invalid YAML metadata: {err}") from err
+    links = [link.rstrip("/") for link in card_links(readme.read_text(encoding="utf-8"))]
+    escaping = [link for link in links if ".." in PurePosixPath(link).parts]
     if escaping:
         raise ValueError(f"README.md links to files outside {folder}, which would not be uploaded: {escaping}")
+    missing = [link for link in links if link not in uploads and not any(u.startswith(link + "/") for u in uploads)]
     if missing:
         raise FileNotFoundError(
             f"README.md links to local files that are missing from {folder} (or excluded from upload): {missing}"
         )
-    return metadata
 
 
 def require_token(token: str | None = None) -> str:
@@ -193,9 +168,8 @@ def validate_model_folder(folder: str | os.PathLike, require_card: bool = True) 
     if "config.json" not in uploads:
         problems.append("config.json (save the model with save_pretrained)")
     if MODEL_WEIGHTS_INDEX in uploads:
-        weight_map = json.loads((folder / MODEL_WEIGHTS_INDEX).read_text()).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
-        absent = [s for s in shards if s not in uploads]
+        shards = set(json.loads((folder / MODEL_WEIGHTS_INDEX).read_text()).get("weight_map", {}).values())
+        absent = sorted(shards - set(uploads))
         if not shards or absent:
             problems.append(f"the shards listed in {MODEL_WEIGHTS_INDEX} ({absent or 'empty weight_map'})")
     elif MODEL_WEIGHTS not in uploads:
@@ -207,48 +181,6 @@ def validate_model_folder(folder: str | os.PathLike, require_card: bool = True) 
     if require_card:
         _check_card(folder, uploads)
     return uploads
-
-
-def _data_file_patterns(configs: Any) -> dict[str, list[str]]:
-    """``configs:`` of a dataset card -> {config_name: [path patterns]}."""
-    if configs is None:
-        return {}
-    if not isinstance(configs, list):
-        raise ValueError("README.md `configs:` must be a list.")
-    out: dict[str, list[str]] = {}
-    for config in configs:
-        if not isinstance(config, dict) or "config_name" not in config:
-            raise ValueError(f"README.md `configs:` entries need a config_name, got {config!r}")
-        data_files = config.get("data_files")
-        entries = data_files if isinstance(data_files, list) else [data_files] if data_files is not None else []
-        patterns: list[str] = []
-        for entry in entries:
-            paths = entry.get("path") if isinstance(entry, dict) else entry
-            patterns += [paths] if isinstance(paths, str) else list(paths or [])
-        out[str(config["config_name"])] = patterns
-    return out
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """A data_files glob as a regex over POSIX paths: ``*`` and ``?`` stay within a folder, ``**`` spans folders."""
-    pattern = pattern[2:] if pattern.startswith("./") else pattern
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
-            end = pattern.index("]", i + 1)
-            body = pattern[i + 1 : end]
-            out, i = out + "[" + ("^" + body[1:] if body.startswith("!") else body) + "]", end + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out)
 
 
 def validate_dataset_folder(folder: str | os.PathLike) -> list[str]:
@@ -269,15 +201,8 @@ def validate_dataset_folder(folder: str | os.PathLike) -> list[str]:
         problems.append("at least one .parquet file")
     if problems:
         raise FileNotFoundError(f"Dataset folder {folder} is incomplete, missing: " + "; ".join(problems))
-    metadata = _check_card(folder, uploads)
-    unmatched = {
-        name: pattern
-        for name, patterns in _data_file_patterns(metadata.get("configs")).items()
-        for pattern in patterns
-        if not any(_glob_regex(pattern).fullmatch(u) for u in uploads)
-    }
-    if unmatched:
-        raise FileNotFoundError(f"README.md configs point at data_files matching no file in {folder}: {unmatched}")
+    _check_card(folder, uploads)
+    config_files(folder)  # every configs: pattern matches a file
     for path in uploads:
         if path.endswith(".parquet"):
             check_shard(folder / path)
@@ -287,21 +212,6 @@ def validate_dataset_folder(folder: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Upload
 # ---------------------------------------------------------------------------------------------------------------------
-def _authenticate(api: HfApi, token: str | None) -> tuple[str, str]:
-    """The token to use and the user it belongs to; HubAuthError if there is none or the Hub rejects it."""
-    token = token or get_token()
-    if not token:
-        raise HubAuthError(f"No Hugging Face token found for uploading to {api.endpoint}: {_TOKEN_HELP}.")
-    try:
-        user = api.whoami(token=token)["name"]
-    except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else None
-        if status in (401, 403):
-            raise HubAuthError(f"{api.endpoint} rejected the token ({status}): {_TOKEN_HELP}.") from err
-        raise
-    return token, user
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -319,19 +229,17 @@ def _is_unreachable(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _one_line_network_errors(endpoint: str, what: str = "the request") -> Iterator[None]:
-    """Turn an unreachable endpoint or a refused request into one-line :class:`HubPushError` messages."""
+def _one_line_network_errors(endpoint: str, what: str) -> Iterator[None]:
+    """Turn an unreachable endpoint, a rejected token or a refused request into a one-line :class:`HubPushError`."""
     try:
         yield
-    except HubPushError:
-        raise
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status in (401, 403):
-            raise HubAuthError(f"{endpoint} refused {what} ({status}): {_TOKEN_HELP}.") from err
+            raise HubAuthError(f"{endpoint} rejected the token ({status}) during {what}: {_TOKEN_HELP}.") from err
         raise HubPushError(f"{endpoint} refused {what} ({status}): {_first_line(err)}") from err
     except Exception as err:
-        if not _is_unreachable(err):
+        if isinstance(err, HubPushError) or not _is_unreachable(err):
             raise
         raise HubPushError(
             f"Cannot reach the Hub at {endpoint} ({type(err).__name__}: {_first_line(err)}); check the network "
@@ -348,48 +256,20 @@ def _verify_remote(api: HfApi, repo_id: str, repo_type: str, revision: str, fold
     }
     missing = [p for p in uploads if p not in remote]
     different = []
-    for path in uploads:
-        entry = remote.get(path)
-        if entry is None:
-            continue
-        local = folder / path
+    for path in (p for p in uploads if p in remote):
+        entry, local = remote[path], folder / path
         if entry.size != local.stat().st_size:
             different.append(path)
         elif entry.lfs is not None:
-            digest = sha256()
             with open(local, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if entry.lfs.sha256 != digest.hexdigest():
-                different.append(path)
+                if sha_fileobj(f).hex() != entry.lfs.sha256:
+                    different.append(path)
         elif entry.blob_id != git_hash(local.read_bytes()):
             different.append(path)
     if missing or different:
         raise HubPushError(
             f"Upload to {repo_type} repo {repo_id}@{revision} is incomplete: missing {missing}, different {different}."
         )
-
-
-def _upload_large(
-    api: HfApi, folder: Path, repo_id: str, repo_type: str, revision: str | None, token: str
-) -> CommitInfo:
-    """``upload_large_folder`` (several commits, resumable); the head commit of the revision afterwards."""
-    api.upload_large_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        repo_type=repo_type,
-        revision=revision,
-        ignore_patterns=list(IGNORE_PATTERNS),
-        print_report=False,
-    )
-    sha = api.repo_info(repo_id, repo_type=repo_type, revision=revision or "main", token=token).sha
-    prefix = "" if repo_type == "model" else f"{repo_type}s/"
-    return CommitInfo(
-        commit_url=f"{api.endpoint}/{prefix}{repo_id}/commit/{sha}",
-        commit_message="upload_large_folder",
-        commit_description="",
-        oid=sha,
-    )
 
 
 def _push(
@@ -405,27 +285,26 @@ def _push(
     large_folder_bytes: int | None = None,
 ) -> str:
     api = HfApi()
-    with _one_line_network_errors(api.endpoint):
-        token, user = _authenticate(api, token)
-    if "/" not in repo_id:
-        repo_id = f"{user}/{repo_id}"
+    token = require_token(token)
+    with _one_line_network_errors(api.endpoint, "the token check"):
+        user = api.whoami(token=token)["name"]
+    repo_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
     size = sum((folder / path).stat().st_size for path in uploads)
     large = large_folder_bytes is not None and size > large_folder_bytes and hasattr(api, "upload_large_folder")
+    upload = dict(repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision)
     with _one_line_network_errors(api.endpoint, f"the upload to {repo_type} repo {repo_id}"):
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, token=token)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True, token=token)
-        if large:
-            info = _upload_large(api, folder, repo_id, repo_type, revision, token)
+        if large:  # several commits, resumable; the head commit of the revision afterwards
+            api.upload_large_folder(**upload, ignore_patterns=list(IGNORE_PATTERNS), print_report=False)
+            sha = api.repo_info(repo_id, repo_type=repo_type, revision=revision or "main", token=token).sha
+            prefix = "" if repo_type == "model" else f"{repo_type}s/"
+            url = f"{api.endpoint}/{prefix}{repo_id}/commit/{sha}"
+            info = CommitInfo(commit_url=url, commit_message="upload_large_folder", commit_description="", oid=sha)
         else:
             info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                repo_type=repo_type,
-                revision=revision,
-                commit_message=commit_message,
-                token=token,
-                ignore_patterns=list(IGNORE_PATTERNS),
+                **upload, commit_message=commit_message, token=token, ignore_patterns=list(IGNORE_PATTERNS)
             )
     with _one_line_network_errors(api.endpoint, f"the check of the uploaded {repo_type} repo {repo_id}"):
         _verify_remote(api, repo_id, repo_type, revision or "main", folder, uploads)
@@ -451,37 +330,30 @@ def push_model(
     ``main`` if missing. The returned string is a ``CommitInfo`` (also carrying ``.oid``).
     """
     check_repo_id(repo_id)
+    settings = dict(private=private, revision=revision, token=token)
     message = commit_message or "Upload model with harmodt_hf.push_model"
     if isinstance(folder_or_model, (str, os.PathLike)):
         if card is not None:
             raise ValueError("card= is for model objects; put README.md in the model folder instead.")
         folder = Path(folder_or_model)
-        uploads = validate_model_folder(folder)
-        return _push(
-            folder, uploads, repo_id, "model", private=private, revision=revision, commit_message=message, token=token
-        )
+        return _push(folder, validate_model_folder(folder), repo_id, "model", commit_message=message, **settings)
     if not hasattr(folder_or_model, "save_pretrained"):
         raise TypeError(f"push_model expects a folder or a PreTrainedModel, got {type(folder_or_model).__name__}")
+    name_or_path = str(getattr(folder_or_model, "name_or_path", "") or "")
+    source = Path(name_or_path) if name_or_path else None  # the local folder it was loaded from, if any
+    if card is None and not (source is not None and (source / "README.md").is_file()):
+        raise ValueError("A model card is required: pass card='...' (the README.md text) to push a model object.")
     with tempfile.TemporaryDirectory(prefix="harmodt-push-") as tmp:
         folder = Path(tmp)
         folder_or_model.save_pretrained(folder)
-        name_or_path = str(getattr(folder_or_model, "name_or_path", "") or "")
-        source = Path(name_or_path) if name_or_path else None  # the local folder it was loaded from, if any
         if card is not None:
             (folder / "README.md").write_text(card, encoding="utf-8")
-        elif source is not None and source.is_dir() and (source / "README.md").is_file():
-            shutil.copy2(source / "README.md", folder / "README.md")
-            for link in card_links((source / "README.md").read_text(encoding="utf-8")):
-                src = source / link
-                if ".." not in PurePosixPath(link).parts and src.is_file() and not (folder / link).exists():
+        else:  # the source folder's card and the files it links to
+            for link in ["README.md", *card_links((source / "README.md").read_text(encoding="utf-8"))]:
+                if ".." not in PurePosixPath(link).parts and (source / link).is_file() and not (folder / link).exists():
                     (folder / link).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, folder / link)
-        else:
-            raise ValueError("A model card is required: pass card='...' (the README.md text) to push a model object.")
-        uploads = validate_model_folder(folder)
-        return _push(
-            folder, uploads, repo_id, "model", private=private, revision=revision, commit_message=message, token=token
-        )
+                    shutil.copy2(source / link, folder / link)
+        return _push(folder, validate_model_folder(folder), repo_id, "model", commit_message=message, **settings)
 
 
 def push_dataset(
@@ -501,17 +373,7 @@ def push_dataset(
     commits; an interrupted upload resumes when the same call runs again); ``commit_message`` is not used then.
     """
     check_repo_id(repo_id)
-    folder = Path(folder)
     uploads = validate_dataset_folder(folder)
     message = commit_message or "Upload dataset with harmodt_hf.push_dataset"
-    return _push(
-        folder,
-        uploads,
-        repo_id,
-        "dataset",
-        private=private,
-        revision=revision,
-        commit_message=message,
-        token=token,
-        large_folder_bytes=large_folder_bytes,
-    )
+    settings = dict(private=private, revision=revision, token=token, large_folder_bytes=large_folder_bytes)
+    return _push(Path(folder), uploads, repo_id, "dataset", commit_message=message, **settings)
