@@ -81,7 +81,8 @@ def new_task_masks(model: HarmoDTModel, mask: str, merge_threshold: int | None =
         task = config.task_names.index(mask)
         return {name: m[task].clone() for name, m in masks.items()}
     raise ValueError(
-        f"mask must be one of {NEW_TASK_MASKS} or the name of one of the model's tasks {config.task_names}, got {mask!r}"
+        f"mask must be one of {NEW_TASK_MASKS} or the name of one of the model's tasks {config.task_names}, "
+        f"got {mask!r}"
     )
 
 

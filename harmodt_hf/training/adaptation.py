@@ -137,9 +137,13 @@ def adapt(
         raise ValueError("adapt needs the demonstrations of at least one new task")
     unknown = [d.task_name for d in demonstrations if d.task_name not in config.task_names]
     if unknown:
-        raise ValueError(f"Add the task(s) {unknown} to the model first (model.add_task, or add_task_from_demonstrations)")
+        raise ValueError(
+            f"Add the task(s) {unknown} to the model first (model.add_task, or add_task_from_demonstrations)"
+        )
     if train == "prompt" and not config.use_prompt:
-        raise ValueError("train='prompt' tunes the new tasks' prompts, but this model has none: use 'embeddings' or 'all'")
+        raise ValueError(
+            "train='prompt' tunes the new tasks' prompts, but this model has none: use 'embeddings' or 'all'"
+        )
     if args.max_steps is None or args.max_steps <= 0:
         raise ValueError("args.max_steps must be set (> 0): adaptation trains for a number of steps")
     ordered = sorted(demonstrations, key=lambda d: config.task_id(d.task_name))
