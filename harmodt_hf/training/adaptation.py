@@ -45,11 +45,12 @@ __all__ = ["ADAPT_MODES", "AdaptationArguments", "adapt", "trainable_prompts"]
 
 @dataclass
 class AdaptationArguments:
-    """Adapting a trained model to new tasks (``harmodt-train`` with ``adapt_from``; ``harmodt_hf/configs/adapt.yaml``).
-    The demonstrations come from ``--dataset``."""
+    """Adapting a trained model to new tasks (``training/train.py`` with ``adapt_from``;
+    ``harmodt_hf/configs/adapt.yaml``)."""
 
     adapt_from: str = field(default="", metadata={"help": "Trained model folder or Hub repo to adapt."})
     adapt_tasks: list[str] | None = field(default=None, metadata={"help": "The new tasks (not in the model)."})
+    dataset: str = field(default="", metadata={"help": "Dataset folder or Hub repo with the demonstrations."})
     demos_config: str | None = field(
         default=None, metadata={"help": "Dataset config of the demonstrations (default <task>-near-optimal)."}
     )
@@ -173,5 +174,9 @@ def adapt(
 
 
 def final_loss(trainer: HarmoDTTrainer) -> float:
-    """The last logged training loss of a run (NaN when none was logged)."""
-    return next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), math.nan)
+    """The last logged training loss of a run (else the run's mean ``train_loss``; NaN when neither was logged)."""
+    for key in ("loss", "train_loss"):
+        value = next((h[key] for h in reversed(trainer.state.log_history) if key in h), None)
+        if value is not None:
+            return float(value)
+    return math.nan
