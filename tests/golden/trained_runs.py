@@ -2,8 +2,9 @@
 of the trained weights, per mask rule. Checked by tests/test_trained_runs_unchanged.py.
 
 Recorded at the commit the training renovation (issue #16) started from, so that the renovation shows "behaviour
-unchanged": the same masks after every update and the same trained weights, for every rule. Regenerate only when the
-training arithmetic is *meant* to change, and say why in the commit message:
+unchanged": the same masks after every update and the same trained weights, for every rule (regenerated once since,
+when the model renovation changed the masked linear's summation order: masks identical, losses within 1.2e-7).
+Regenerate only when the training arithmetic is *meant* to change, and say why in the commit message:
 
     cd <repo> && PYTHONPATH=$PWD python tests/golden/trained_runs.py          # writes trained_runs.json
     cd <repo> && PYTHONPATH=$PWD python tests/golden/trained_runs.py --check  # compares only
@@ -32,7 +33,11 @@ from golden.regenerate import seed_by_name  # noqa: E402
 from helpers import synthetic_trainer  # noqa: E402
 
 RECORD_FILE = Path(__file__).with_name("trained_runs.json")
-SUM_RTOL = 1e-4  # per-tensor sums on another platform (float rounding of a few AdamW steps)
+LOSS_RTOL = 1e-5  # logged losses on another platform (float rounding)
+# Per-tensor sums on another platform. Loose on purpose: the attention's key biases get no true gradient (softmax
+# ignores a shift shared by all keys), so AdamW turns rounding noise in their gradients into full-size steps: a
+# 1e-7 change of the losses moved those sums by up to 7e-4 of their value (measured when this record was regenerated).
+SUM_RTOL = 2e-3
 DROPOUT = dict(resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1)
 COMMON = dict(
     max_steps=9, mask_update_interval=3, eta_total_steps=20, eta_max=20, learning_rate=3e-3, weight_decay=0.01,
