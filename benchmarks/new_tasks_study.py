@@ -14,6 +14,7 @@ under the new tasks' masks; ``prompt``: the new tasks' prompts only, which leave
 construction and by tests/test_adaptation.py — so they are not re-evaluated). Held-out success: ``--heldout-episodes``
 episodes per task (goals 0.. of MT1(task, seed 0)); seen tasks: ``--seen-episodes`` per task before and after each
 ``all`` adaptation. Results are written after every evaluation, and a rerun skips what is done.
+``--table a.json b.json`` prints the markdown table of finished results files.
 """
 
 from __future__ import annotations
@@ -32,6 +33,29 @@ from harmodt_hf.training.adaptation import adapt, final_loss
 from harmodt_hf.training.demonstrations import add_task_from_demonstrations
 
 HELD_OUT = "reach-wall-v3,button-press-topdown-wall-v3,plate-slide-v3"
+
+
+def table(paths: list[str]) -> str:
+    """Markdown: one row per arm, shots and mode; held-out success per task and mean, seen success before/after."""
+    runs = {}
+    for path in paths:
+        runs.update(json.loads(Path(path).read_text())["runs"])
+    rows = [v for k, v in runs.items() if not k.startswith("seen-before/")]
+    tasks = list(rows[0]["held_out"]["per_task"]) if rows else []
+    before = {k.split("/", 1)[1]: v["mean"] for k, v in runs.items() if k.startswith("seen-before/")}
+    head = ["arm", "demos", "adaptation", *tasks, "held-out mean", "seen before", "seen after"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        seen = before.get(Path(row["model"]).parent.name)
+        after = row.get("seen_after", {}).get("mean")
+        cells = [row["arm"], str(row["shots"]), row["mode"]]
+        cells += [f"{100 * row['held_out']['per_task'][t]:.0f}" for t in tasks]
+        unchanged = "= before (bit-identical)" if row["mode"] in ("zero-shot", "prompt") else ""
+        cells.append(f"{100 * row['held_out']['mean']:.1f}")
+        cells.append(f"{100 * seen:.0f}" if seen is not None else "")
+        cells.append(f"{100 * after:.0f}" if after is not None else unchanged)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,4 +146,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--table"]:
+        print(table(sys.argv[2:]))
+    else:
+        main()
