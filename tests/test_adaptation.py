@@ -90,6 +90,17 @@ def test_all_weights_mode_changes_the_new_task_under_its_mask_only(generated_dat
     assert not torch.equal(actions_of(model, [0, 1]), actions_of(before, [0, 1]))
 
 
+def test_embeddings_mode_trains_the_shared_embeddings_and_head_but_not_the_body(generated_dataset, tmp_path):
+    model, demos = model_with_new_task(generated_dataset)
+    before = copy.deepcopy(model)
+    adapt(model, [demos], adapt_args(tmp_path), train="embeddings")
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before.get_parameter(name))}
+    assert changed and not any(name.startswith("transformer.") for name in changed)
+    assert {"embed_state.weight", "predict_action.weight"} <= changed
+    assert not torch.equal(model.stored_prompt_states[3], before.stored_prompt_states[3])
+    assert torch.equal(model.stored_prompt_states[:3], before.stored_prompt_states[:3])
+
+
 def test_adaptation_refuses_a_task_not_added_and_prompt_tuning_without_prompts(generated_dataset, tmp_path):
     model, demos = model_with_new_task(generated_dataset)
     plain = tiny_prompted_model(max_ep_len=500)
