@@ -37,18 +37,21 @@ HELD_OUT = "reach-wall-v3,button-press-topdown-wall-v3,plate-slide-v3"
 
 def table(paths: list[str]) -> str:
     """Markdown: one row per arm, shots and mode; held-out success per task and mean, seen success before/after."""
-    runs = {}
+    rows, before = [], {}
     for path in paths:
-        runs.update(json.loads(Path(path).read_text())["runs"])
-    rows = [v for k, v in runs.items() if not k.startswith("seen-before/")]
+        for key, value in json.loads(Path(path).read_text())["runs"].items():
+            if key.startswith("seen-before/"):
+                before[key.split("/", 1)[1]] = value["mean"]
+            else:
+                rows.append(value)
     tasks = list(rows[0]["held_out"]["per_task"]) if rows else []
-    before = {k.split("/", 1)[1]: v["mean"] for k, v in runs.items() if k.startswith("seen-before/")}
-    head = ["arm", "demos", "adaptation", *tasks, "held-out mean", "seen before", "seen after"]
+    head = ["arm", "model run", "demos", "adaptation", *tasks, "held-out mean", "seen before", "seen after"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        seen = before.get(Path(row["model"]).parent.name)
+        run = Path(row["model"]).parent.name
+        seen = before.get(run)
         after = row.get("seen_after", {}).get("mean")
-        cells = [row["arm"], str(row["shots"]), row["mode"]]
+        cells = [row["arm"], run, str(row["shots"]), row["mode"]]
         cells += [f"{100 * row['held_out']['per_task'][t]:.0f}" for t in tasks]
         unchanged = "= before (bit-identical)" if row["mode"] in ("zero-shot", "prompt") else ""
         cells.append(f"{100 * row['held_out']['mean']:.1f}")
