@@ -3,9 +3,12 @@
     harmodt-evaluate --model runs/mt10/final --tasks mt10 --episodes 10 --seed 0 --output results.json
     harmodt-evaluate --model user/harmodt-mt50 --revision main --video videos --video-episodes 1
     harmodt-evaluate --model runs/mt10/final --tasks mt10 --precision bf16   # faster; not bit-faithful
+    harmodt-evaluate --model runs/mt10/final --add-task reach-wall-v3 --demos data/held-out --episodes-for-prompt 5
 
 Writes the results JSON (per-task success, returns, episode lengths, seeds, target returns, model revision) and a
 per-task success bar chart next to it (``<output stem>.png``). ``training/evaluate.py`` is the same command.
+``--add-task`` evaluates tasks the model never saw: each is added with a prompt and statistics from its last
+``--episodes-for-prompt`` demonstrations in ``--demos`` and a merged mask (``--new-task-mask``); no training (#19).
 """
 
 from __future__ import annotations
@@ -31,6 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     parser.add_argument(
         "--tasks", default=None, help="mt5/mt10/mt30/mt50 or comma-separated task names (default: the model's tasks)"
+    )
+    parser.add_argument(
+        "--add-task",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated tasks the model never saw: add them (prompt and statistics from --demos) and evaluate "
+        "them (the default --tasks)",
+    )
+    parser.add_argument("--demos", default=None, help="dataset folder or Hub repo: demonstrations of --add-task")
+    parser.add_argument(
+        "--demos-config", default=None, help="dataset config of the demonstrations (default <task>-near-optimal)"
+    )
+    parser.add_argument(
+        "--episodes-for-prompt", type=int, default=None, help="use the last N demonstrations of each task (default all)"
+    )
+    parser.add_argument(
+        "--new-task-mask", default="merged", help="mask of an added task: merged (default), ones or a trained task"
+    )
+    parser.add_argument(
+        "--merge-threshold", type=int, default=None, help="merged mask: trained tasks that must keep a weight"
     )
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task (one goal each, at most 50)")
     parser.add_argument("--seed", type=int, default=0)
@@ -96,15 +119,42 @@ def check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return output, plot
 
 
+def add_tasks(model: HarmoDTModel, args: argparse.Namespace) -> list[str]:
+    """Add the ``--add-task`` tasks to ``model`` from their demonstrations; returns their names (none: ``[]``)."""
+    if args.add_task is None:
+        if args.demos is not None or args.episodes_for_prompt is not None:
+            raise ValueError("--demos and --episodes-for-prompt go with --add-task (the tasks the model never saw)")
+        return []
+    if not args.demos:
+        raise ValueError("--add-task needs --demos: a dataset folder or Hub repo with demonstrations of the new task")
+    from harmodt_hf.training.demonstrations import add_task_from_demonstrations
+
+    names = [name.strip() for name in args.add_task.split(",") if name.strip()]
+    masked = model.config.has_masks
+    for name in names:
+        add_task_from_demonstrations(
+            model,
+            name,
+            args.demos,
+            args.demos_config,
+            last=args.episodes_for_prompt,
+            mask=args.new_task_mask if masked else None,
+            merge_threshold=args.merge_threshold if masked else None,
+        )
+    return names
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Check the outputs, evaluate, write the results JSON and plot, print a summary; returns the results."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     output, plot = check_outputs(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = HarmoDTModel.from_pretrained(args.model, revision=args.revision).to(device)
+    model = HarmoDTModel.from_pretrained(args.model, revision=args.revision)
+    added = add_tasks(model, args)
+    model.to(device)
     results = evaluate(
         model,
-        tasks=args.tasks if args.tasks is not None else list(model.config.task_names),
+        tasks=args.tasks if args.tasks is not None else (added or list(model.config.task_names)),
         episodes_per_task=args.episodes,
         seed=args.seed,
         stop_on_success=not args.no_stop_on_success,
@@ -117,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch_threads=args.torch_threads,
         precision=args.precision,
     )
+    if added:
+        results["added_tasks"] = {name: model.config.added_tasks[name] for name in added}
+        results["added_tasks_demos"] = {"demos": args.demos, "episodes_for_prompt": args.episodes_for_prompt}
     output.write_text(json.dumps(results, indent=2))
     if plot is not None:
         plot_success(results, plot)

@@ -41,6 +41,7 @@ from .inputs import (
 from .loading import check_loaded_model, check_pretrained_source, task_name_crc32
 from .masked_linear import MaskedLinear, TaskBatch, TaskGroups
 from .masks import erk_densities, erk_masks, pack_masks
+from .new_tasks import add_task
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 # ReLU in place: the MLP's first linear output is used only by it (acting spends 3 % of a step allocating a copy)
@@ -374,6 +375,18 @@ class HarmoDTModel(HarmoDTPreTrainedModel):
             buffer = getattr(self, f"stored_prompt_{key}")
             value = torch.as_tensor(prompts[key]).reshape(buffer.shape)
             buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
+
+    def add_task(self, name: str, *, prompt=None, state_mean, state_std, target_return=None, mask=None,
+                 merge_threshold: int | None = None) -> int:  # fmt: skip
+        """Append a task the model was not trained on; returns its task id (see :mod:`.new_tasks`).
+
+        ``prompt``: its prompt, model-ready (``PROMPT_KEYS``, each ``(prompt_length, ...)``; required with prompts);
+        ``state_mean``/``state_std``: its observation statistics; ``target_return``: default the trained tasks' mean;
+        ``mask`` (masked models only): ``"merged"`` (default: the weights at least ``merge_threshold`` trained tasks
+        keep, default half of them), ``"ones"`` or a trained task's name (its mask copied). Saved and loaded like the
+        trained tasks, whose actions do not change."""
+        return add_task(self, name, prompt=prompt, state_mean=state_mean, state_std=state_std,
+                        target_return=target_return, mask=mask, merge_threshold=merge_threshold)  # fmt: skip
 
     def task_prompts(self, task_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored prompts for ``task_ids`` (a batch), ready to pass as ``prompt=``."""

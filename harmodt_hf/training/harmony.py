@@ -31,7 +31,7 @@ gradients ``name -> (T, *param_shape)``. A task's weights are all its parameters
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -56,35 +56,45 @@ Masks = Mapping[str, torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------------------------- 1
 def task_gradients(
-    model: HarmoDTModel, task_loss: Callable[[int], torch.Tensor]
+    model: HarmoDTModel, task_loss: Callable[[int], torch.Tensor], tasks: Sequence[int] | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Step 1: every task's gradient with respect to its effective weights ``θ ⊙ M_i``, one backward pass per task.
 
     ``task_loss(i)`` returns task i's loss on a fresh batch of its segments. The masked layers receive each task's
     gradient with respect to ``θ ⊙ M_i`` in row i of their ``task_grad_sink`` (see ``MaskedLinear``): the plain
-    gradient with respect to θ would be zero wherever ``M_i`` is, and regrowing needs the signal there.
+    gradient with respect to θ would be zero wherever ``M_i`` is, and regrowing needs the signal there. ``tasks``:
+    the model's task ids to compute (default all; some of them when a run trains only some tasks).
 
     Returns:
-        ``(grads, losses)``: ``"<layer>.weight" -> (T, out, in)`` per-task gradients and the ``(T,)`` task losses.
+        ``(grads, losses)``: ``"<layer>.weight" -> (T, out, in)`` per-task gradients and the ``(T,)`` task losses,
+        rows in the order of ``tasks``.
     """
     layers = model.masked_layers()
     num_tasks = model.config.num_tasks
+    tasks = list(range(num_tasks)) if tasks is None else [int(t) for t in tasks]
     grads = {
         f"{name}.weight": torch.empty(num_tasks, *layer.weight.shape, device=layer.weight.device)
         for name, layer in layers.items()
     }
-    losses = torch.empty(num_tasks)
+    losses = torch.empty(len(tasks))
     weights = [layer.weight for layer in layers.values()]
+    frozen = [weight for weight in weights if not weight.requires_grad]  # adapting with frozen weights: still the
+    for weight in frozen:  # gradients with respect to them (only the masks move)
+        weight.requires_grad_(True)
     for name, layer in layers.items():
         layer.task_grad_sink = grads[f"{name}.weight"]
     try:
-        for task in range(num_tasks):
+        for row, task in enumerate(tasks):
             loss = task_loss(task)
             torch.autograd.grad(loss, weights, allow_unused=True)  # fills row `task` of every sink
-            losses[task] = loss.item()
+            losses[row] = loss.item()
     finally:
         for layer in layers.values():
             layer.task_grad_sink = None
+        for weight in frozen:
+            weight.requires_grad_(False)
+    if tasks != list(range(num_tasks)):  # the rows of the tasks computed, in their order
+        grads = {name: g[tasks] for name, g in grads.items()}
     return grads, losses
 
 

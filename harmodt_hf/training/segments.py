@@ -87,14 +87,29 @@ class SegmentSampler:
     returns-to-go are divided by ``config.return_scale``. Training prompt: the ``prompt_length`` steps ending one step
     before the end of a random episode of the same task (steps T−P−1 … T−2, as in Prompt-DT); the evaluation prompt
     of a task is cut the same way from its highest-return episode.
+
+    The buffer's tasks are usually the config's, in its order; they may also be some of them (adapting a model to the
+    tasks added after training): tasks are then numbered by the buffer (``sample(task)``), and a segment's
+    ``task_ids`` is the model's id of its task (:meth:`model_task_id`). ``with_prompts=False`` leaves the training
+    prompts out of the segments (the model then acts with its stored prompts; default: with, if the model uses them).
     """
 
-    def __init__(self, buffer: EpisodeBuffer, config: HarmoDTConfig) -> None:
-        if list(config.task_names) != buffer.task_names:
+    def __init__(self, buffer: EpisodeBuffer, config: HarmoDTConfig, with_prompts: bool | None = None) -> None:
+        unknown = [name for name in buffer.task_names if name not in config.task_names]
+        if unknown:
             raise ValueError(
-                f"The model's tasks {config.task_names} differ from the data's tasks {buffer.task_names}; build the "
-                "config with task_names taken from the data"
+                f"The data's tasks {unknown} are not among the model's tasks {config.task_names} (they differ from the "
+                "data's tasks); build the config with task_names taken from the data"
             )
+        self.model_task_ids = [config.task_names.index(name) for name in buffer.task_names]
+        if self.model_task_ids != sorted(self.model_task_ids):
+            raise ValueError(
+                f"The data's tasks {buffer.task_names} are in another order than the model's {config.task_names}: "
+                "order the episode buffer by the config's task_names"
+            )
+        self.with_prompts = config.use_prompt if with_prompts is None else bool(with_prompts)
+        if self.with_prompts and not config.use_prompt:
+            raise ValueError("with_prompts=True, but the model does not use prompts (config.use_prompt=False)")
         longest = max((int(t.lengths.max()), name) for t, name in zip(buffer.tasks, buffer.task_names, strict=True))
         if longest[0] > config.max_ep_len:
             raise ValueError(
@@ -104,14 +119,25 @@ class SegmentSampler:
             )
         self.buffer = buffer
         self.config = config
-        self.mean = np.asarray(config.state_mean, dtype=np.float32)
-        self.std = np.asarray(config.state_std, dtype=np.float32) + STD_EPS
+        self.mean = np.asarray(config.state_mean, dtype=np.float32)[self.model_task_ids]
+        self.std = np.asarray(config.state_std, dtype=np.float32)[self.model_task_ids] + STD_EPS
         self.rtg = [[returns_to_go(r) for r in task.rewards] for task in buffer.tasks]
         self.length_weights = [task.lengths / task.lengths.sum() for task in buffer.tasks]
 
     @property
     def num_tasks(self) -> int:
         return len(self.buffer.tasks)
+
+    def model_task_id(self, task: int) -> int:
+        """The model's task id of the buffer's task ``task``."""
+        return self.model_task_ids[task]
+
+    def buffer_task(self, model_task_id: int) -> int:
+        """The buffer's task number of the model's task ``model_task_id`` (a task the data holds)."""
+        if model_task_id not in self.model_task_ids:
+            name = self.config.task_names[model_task_id]
+            raise ValueError(f"Task {name!r} (id {model_task_id}) has no episodes in this data")
+        return self.model_task_ids.index(model_task_id)
 
     def _window(self, task: int, episode: int, start: int, length: int) -> dict[str, np.ndarray]:
         """Steps [start, start+length) of an episode, model-ready and left-padded to ``length``."""
@@ -145,8 +171,8 @@ class SegmentSampler:
         total = len(self.buffer.tasks[task].rewards[episode])
         start = int(rng.integers(0, total))
         item = self._window(task, episode, start, self.config.context_length)
-        item["task_ids"] = task
-        if self.config.use_prompt:
+        item["task_ids"] = self.model_task_ids[task]
+        if self.with_prompts:
             prompt_episode = int(rng.integers(0, len(self.buffer.tasks[task].rewards)))
             item["prompt"] = self._prompt_window(task, prompt_episode)
         return item
@@ -191,6 +217,7 @@ class SegmentDataset(torch.utils.data.Dataset):
         return self.num_items
 
     def task_of(self, index: int) -> int:
+        """The buffer's task number of item ``index`` (``sampler.model_task_id`` of it: the model's id)."""
         if self.task_sampling == "round_robin":
             return (index // self.batch_size) % self.sampler.num_tasks
         return index % self.sampler.num_tasks
@@ -199,10 +226,17 @@ class SegmentDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index])
         return self.sampler.sample(self.task_of(index), rng)
 
+    @property
+    def model_task_ids(self) -> list[int]:
+        """The model's ids of the tasks this dataset trains (all of the model's tasks, or some of them)."""
+        return list(self.sampler.model_task_ids)
+
     def task_batch(self, task: int, size: int, seed: Sequence[int]) -> list[dict]:
-        """``size`` fresh segments of one task from a generator seeded by ``seed`` (used by the mask update)."""
+        """``size`` fresh segments of the model's task ``task`` from a generator seeded by ``seed`` (used by the mask
+        update)."""
         rng = np.random.default_rng(list(seed))
-        return [self.sampler.sample(task, rng) for _ in range(size)]
+        buffer_task = self.sampler.buffer_task(task)
+        return [self.sampler.sample(buffer_task, rng) for _ in range(size)]
 
 
 SEGMENT_DTYPES = {

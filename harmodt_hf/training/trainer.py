@@ -82,6 +82,13 @@ class HarmoDTTrainingArguments(TrainingArguments):
         },
     )
     task_sampling: str = field(default="round_robin", metadata={"help": "'round_robin' or 'all_tasks'."})
+    mask_updates: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the outer mask loop (mask_mode='harmony'); false keeps every mask as it is (adapting a model "
+            "to a new task without changing its mask)."
+        },
+    )
     mask_grad_batch_size: int = field(default=8, metadata={"help": "Segments per task for the mask gradients."})
     mask_grad_train_mode: bool | None = field(
         default=None,
@@ -118,6 +125,14 @@ def eta_max_count(args: HarmoDTTrainingArguments, active_per_task: int) -> float
     if args.eta_max_fraction is not None:
         return int(args.eta_max_fraction * active_per_task)
     return args.eta_max
+
+
+def task_masks_of(model: HarmoDTModel, tasks: list[int]) -> dict[str, torch.Tensor]:
+    """The masks of the model's tasks ``tasks`` (``{name: bool (len(tasks), out, in)}``; all of them uncopied)."""
+    masks = model.get_task_masks()
+    if list(tasks) == list(range(model.config.num_tasks)):
+        return masks
+    return {name: mask[list(tasks)] for name, mask in masks.items()}
 
 
 class HarmoDTTrainer(Trainer):
@@ -158,11 +173,27 @@ class HarmoDTTrainer(Trainer):
             raise TypeError("HarmoDTTrainer trains on a harmodt_hf.training.segments.SegmentDataset")
         config = model.config
         data_tasks = dataset.sampler.buffer.task_names
-        if list(config.task_names) != list(data_tasks):
-            missing = sorted(set(data_tasks) - set(config.task_names))
+        missing = sorted(set(data_tasks) - set(config.task_names))
+        if missing:
             raise ValueError(
-                f"Dataset tasks {data_tasks} do not match the model's tasks {config.task_names}"
-                + (f" (missing from the config: {missing})" if missing else "")
+                f"Dataset tasks {data_tasks} do not match the model's tasks {config.task_names} (missing from the "
+                f"config: {missing})"
+            )
+        sampler_config = dataset.sampler.config
+        for name in ("task_names", "state_mean", "state_std", "return_scale", "context_length", "prompt_length"):
+            if getattr(sampler_config, name) != getattr(config, name):
+                raise ValueError(
+                    f"The segments are cut with another config than the model's ({name} differs): build the "
+                    "SegmentSampler with model.config"
+                )
+        if len(data_tasks) < config.num_tasks:
+            if args.update_rule == "reference":
+                raise ValueError("update_rule='reference' updates every task's mask: train on all the model's tasks")
+            untrained = [name for name in config.task_names if name not in data_tasks]
+            logger.warning(
+                f"Training on {len(data_tasks)} of the model's {config.num_tasks} tasks ({data_tasks}): the masks of "
+                f"the others ({untrained}) stay as they are; weights they share with the trained tasks still change "
+                "unless they are frozen."
             )
         if dataset.task_sampling != args.task_sampling:
             raise ValueError(
@@ -171,12 +202,12 @@ class HarmoDTTrainer(Trainer):
             )
         if dataset.batch_size != args.per_device_train_batch_size:
             raise ValueError("SegmentDataset.batch_size must equal args.per_device_train_batch_size")
-        if args.task_sampling == "all_tasks" and args.per_device_train_batch_size % config.num_tasks:
+        if args.task_sampling == "all_tasks" and args.per_device_train_batch_size % len(data_tasks):
             raise ValueError(
                 f"task_sampling='all_tasks' needs per_device_train_batch_size to be a multiple of the number of "
-                f"tasks ({config.num_tasks}), got {args.per_device_train_batch_size}"
+                f"tasks ({len(data_tasks)}), got {args.per_device_train_batch_size}"
             )
-        if config.mask_mode == "harmony":
+        if config.mask_mode == "harmony" and args.mask_updates:
             if args.update_rule == "reference" and args.score == "random":
                 raise ValueError("score='random' (the churn control) works with update_rule='harmony' only")
             if args.eta_total_steps is not None and 0 < args.max_steps and args.eta_total_steps < args.max_steps:
@@ -185,7 +216,7 @@ class HarmoDTTrainer(Trainer):
                     "schedule would end before training does. Set eta_total_steps >= max_steps (or leave it unset)."
                 )
             total = model.num_masked_parameters()
-            active = mask_math.mask_density(model.get_task_masks()) * total
+            active = mask_math.mask_density(task_masks_of(model, dataset.model_task_ids)) * total
             fewest = int(min(active.min().item(), total - active.max().item()))
             eta_max = eta_max_count(args, int(active.min().item()))
             if eta_max > fewest:
@@ -257,8 +288,8 @@ class HarmoDTTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ dose
     def active_weights_per_task(self) -> int:
-        """The fewest active (kept) masked weights of any task (ERK keeps the same count in every task)."""
-        masks = self.harmodt.get_task_masks()
+        """The fewest active (kept) masked weights of any task trained (ERK keeps the same count in every task)."""
+        masks = task_masks_of(self.harmodt, self.train_dataset.model_task_ids)
         return int((mask_math.mask_density(masks) * self.harmodt.num_masked_parameters()).min().item())
 
     def prune_count_at(self, step: int) -> int:
@@ -310,22 +341,33 @@ class HarmoDTTrainer(Trainer):
         """Algorithm 1: task gradients (eval mode unless ``mask_grad_train_mode``), clipped, then scores, prune and
         regrow; the churn control draws its choices instead. New masks on process 0 only (``None`` elsewhere)."""
         model, args = self.harmodt, self.args
+        tasks = self.train_dataset.model_task_ids  # every task of the model, or the ones this run trains
+        all_masks, masks = model.get_task_masks(), task_masks_of(model, tasks)
         if args.score == "random":  # the churn control reads no gradient
             new_masks, stats = None, {}
             if self.accelerator.is_main_process:
-                new_masks, stats = harmony.random_mask_update(model.get_task_masks(), k, self._churn_generator())
-            return new_masks, stats, torch.full((model.config.num_tasks,), math.nan)
+                new_masks, stats = harmony.random_mask_update(masks, k, self._churn_generator())
+            return self._all_task_masks(all_masks, tasks, new_masks), stats, torch.full((len(tasks),), math.nan)
         with self._mask_gradient_mode(train=False):
-            grads, losses = harmony.task_gradients(model, lambda task: self._task_loss(task, tag=0))
+            grads, losses = harmony.task_gradients(model, lambda task: self._task_loss(task, tag=0), tasks)
         grads, losses = self._mean_over_processes(grads, losses)
         if not self.accelerator.is_main_process:
             return None, {}, losses
         with torch.no_grad():
             harmony.clip_task_gradients(grads, args.max_grad_norm)
-            masks = model.get_task_masks()
             params = {name: model.get_parameter(name) for name in masks}
             new_masks, stats = harmony.harmony_mask_update(masks, grads, params, k, args.gamma, args.score)
-        return new_masks, stats, losses
+        return self._all_task_masks(all_masks, tasks, new_masks), stats, losses
+
+    @staticmethod
+    def _all_task_masks(all_masks: dict, tasks: list[int], new_masks: dict | None) -> dict | None:
+        """Every task's masks after an update of the masks of ``tasks`` only (the others as they were)."""
+        if new_masks is None or len(tasks) == next(iter(all_masks.values())).shape[0]:
+            return new_masks
+        merged = {name: mask.clone() for name, mask in all_masks.items()}
+        for name, rows in new_masks.items():
+            merged[name][tasks] = rows
+        return merged
 
     def _reference_update(self, k: int) -> tuple[dict | None, dict, torch.Tensor]:
         """The official numerics: task gradients in train mode (unless ``mask_grad_train_mode``), clipped dense and
@@ -406,10 +448,12 @@ class HarmoDTTrainer(Trainer):
             "mask/mean_pairwise_iou": float(off_diagonal.mean()) if num_tasks > 1 else 1.0,
             "mask/moved_fraction": float(moved.mean()),
         }
+        task_losses = dict(zip(self.train_dataset.model_task_ids, losses.tolist(), strict=True))
         for t, name in enumerate(model.config.task_names):
             record[f"mask/density/{name}"] = float(density[t])
             record[f"mask/moved/{name}"] = float(moved[t])
-            record[f"mask/loss/{name}"] = float(losses[t])
+            if t in task_losses:  # the tasks this run trains
+                record[f"mask/loss/{name}"] = task_losses[t]
         return record
 
     # ------------------------------------------------------------------------------------------------ checkpoints
@@ -460,7 +504,7 @@ class _MaskLoopCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if trainer.harmodt.config.mask_mode == "harmony":
+        if trainer.harmodt.config.mask_mode == "harmony" and args.mask_updates:
             trainer.planned_share = trainer.planned_moved_fraction(state.max_steps)
             logger.warning(
                 "Mask schedule: %d updates (every %d steps, η_max = %s weights per task), Σk moves %.2f%% of each "
@@ -480,7 +524,7 @@ class _MaskLoopCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         config = self.trainer.harmodt.config
-        if config.mask_mode == "harmony" and state.global_step % args.mask_update_interval == 0:
+        if config.mask_mode == "harmony" and args.mask_updates and state.global_step % args.mask_update_interval == 0:
             record = self.trainer.update_masks()
             if control.should_log:  # Trainer logs the loss right after this callback: join that log
                 self.trainer._pending_mask_log = record
