@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from .inputs import PROMPT_KEYS, check_prompt
 from .loading import task_name_crc32
 from .masked_linear import MaskedLinear
 from .masks import merged_mask
-
-if TYPE_CHECKING:
-    from .modeling_harmodt import HarmoDTModel
 
 NEW_TASK_MASKS = ("merged", "ones")  # or the name of a trained task, whose mask is copied
 
@@ -53,7 +50,7 @@ def default_merge_threshold(num_trained_tasks: int) -> int:
     return (num_trained_tasks + 1) // 2
 
 
-def new_task_masks(model: HarmoDTModel, mask: str, merge_threshold: int | None = None) -> dict[str, torch.Tensor]:
+def new_task_masks(model: PreTrainedModel, mask: str, merge_threshold: int | None = None) -> dict[str, torch.Tensor]:
     """The masks a new task gets, ``{parameter name: bool (out, in)}``: ``"merged"`` (weights kept by at least
     ``merge_threshold`` trained tasks; default half of them), ``"ones"`` (every weight) or a trained task's name (a
     copy of its mask). Raises ``ValueError`` naming the fix for anything else."""
@@ -123,7 +120,7 @@ def check_new_task_prompt(config, prompt: Mapping) -> dict[str, torch.Tensor]:
 
 
 def add_task(
-    model: HarmoDTModel,
+    model: PreTrainedModel,  # a HarmoDTModel (typed by its base class: modeling_harmodt imports this module)
     name: str,
     *,
     prompt: Mapping | None = None,
