@@ -365,15 +365,12 @@ def plot(arms: dict, records: list[dict], folder: Path, suffix: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(names):
-        by_step: dict[int, list[float]] = {}
-        for record in (r for r in records if r["arm"] == arm):
-            for step, value in record["curve"]:
-                by_step.setdefault(step, []).append(value)
-        steps = sorted(by_step)  # runs may be evaluated at different steps: each point averages the seeds it has
-        ax.plot(steps, [np.mean(by_step[s]) for s in steps], marker="o", color=f"C{i}", label=arm)
+        for j, record in enumerate(r for r in records if r["arm"] == arm):
+            steps, values = zip(*record["curve"], strict=True)  # runs may be evaluated at different steps
+            ax.plot(steps, values, marker="o", lw=1, alpha=0.6, color=f"C{i}", label=arm if j == 0 else None)
     ax.set_xlabel("training steps")
     ax.set_ylabel("mean success over tasks (%)")
-    ax.set_title("Success during training (mean over the seeds evaluated at each step)")
+    ax.set_title("Success during training, one line or point per run (seed)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
