@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masked_linear_fast import (
-    MaskedWeightCache,
-    batched_group_linear,
-    compute_dtype,
-    group_linear_into_one_output,
-    use_batched_groups,
-)
+from .masked_linear_fast import MaskedWeightCache, batched_group_linear, compute_dtype, use_batched_groups
 from .masks import pack_masks, unpack_masks
 
 
@@ -199,7 +193,7 @@ class MaskedLinear(nn.Module):
         if self.cache_masked_weights and not torch.is_grad_enabled():  # acting: the masked weights of earlier calls
             dtype = compute_dtype(x)
             weights, bias = self.weight_cache.lookup(self.weight, self.bias, self.task_masks(), groups.tasks, dtype)
-            return group_linear_into_one_output(x.to(dtype), weights, bias, groups.sizes)
+            return group_linear(x.to(dtype), weights, bias, groups.sizes)
         self.drop_weight_cache()
         masks, index, sink = self.task_masks(), groups.task_index(x.device), self.task_grad_sink
         if use_batched_groups(self.group_matmul, x, groups.sizes):

@@ -5,9 +5,7 @@ what a user waits for by a measured ≥ 20 % (``benchmarks/RESULTS.md``, "Renova
   Off the CPU that loop is launch-bound: an ``all_tasks`` training step (50 tasks) on an H100 went from 1,619 to
   8,859 samples/s. On the CPU the loop is as fast, so ``group_matmul="auto"`` batches off the CPU only.
 * :class:`MaskedWeightCache`: acting keeps each task's masked weight ``W ⊙ M[t]`` between no-grad calls instead of
-  rebuilding it for every layer at every environment step; :func:`group_linear_into_one_output` then writes every
-  group's product straight into one output (no concatenation copy). Together with the in-place ReLU this keeps a
-  policy step as fast as before the renovation (``benchmarks/RESULTS.md``).
+  rebuilding it for every layer at every environment step.
 
 Both compute what the readable path computes (``tests/test_masked_linear.py`` compares them on every path).
 """
@@ -37,21 +35,6 @@ def batched_group_linear(x: torch.Tensor, weights: torch.Tensor, bias: torch.Ten
     x3 = x.reshape(groups, -1, x.shape[-1])
     y = torch.bmm(x3, weights.mT) if bias is None else torch.baddbmm(bias, x3, weights.mT)
     return y.reshape(*x.shape[:-1], out)
-
-
-def group_linear_into_one_output(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, sizes: Sequence[int]
-) -> torch.Tensor:
-    """:func:`~.masked_linear.group_linear` without autograd (``out=`` records no gradients): each group's
-    ``addmm`` writes into its rows of one output tensor instead of being concatenated afterwards."""
-    out = x.new_empty(*x.shape[:-1], weights[0].shape[0])
-    for rows, weight, into in zip(x.split(sizes), weights, out.split(sizes), strict=True):
-        rows, into = rows.reshape(-1, rows.shape[-1]), into.view(-1, into.shape[-1])
-        if bias is None:
-            torch.mm(rows, weight.t(), out=into)
-        else:
-            torch.addmm(bias, rows, weight.t(), out=into)
-    return out
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
