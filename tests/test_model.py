@@ -369,40 +369,6 @@ def test_last_action_only_computes_the_last_action_alone(mask_mode, one_torch_th
             model(**inputs, last_action_only=True, **extra)
 
 
-def test_left_padding_does_not_change_real_steps(model):
-    inputs = random_inputs(model.config, [1], seed=2)
-    inputs["attention_mask"][:] = 1
-    padded = {k: v for k, v in inputs.items()}
-    for key in ("states", "actions", "returns_to_go", "timesteps", "attention_mask"):
-        t = inputs[key]
-        padded[key] = torch.cat([torch.zeros_like(t[:, :2]), t], dim=1)
-    torch.testing.assert_close(_outputs(model, padded)[:, 2:], _outputs(model, inputs), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("part", ["steps", "prompt"])
-def test_a_steps_timestep_reaches_its_return_state_and_action_tokens(model, part):
-    """The token layout of the paper: each step's (R, s, a) tokens carry that step's timestep embedding, and only
-    theirs (the first block's input, before any mixing across tokens; also for the prompt's tokens)."""
-    inputs = random_inputs(model.config, [0, 1], seed=3)
-    shifted = {**inputs, "prompt": dict(inputs["prompt"])}
-    step = 1
-    if part == "steps":
-        shifted["timesteps"] = inputs["timesteps"].clone()
-        shifted["timesteps"][:, step] += 1
-    else:
-        shifted["prompt"]["timesteps"] = inputs["prompt"]["timesteps"].clone()
-        shifted["prompt"]["timesteps"][:, step] += 1
-    with torch.no_grad():
-        before, after = (model(**x, output_hidden_states=True).hidden_states[0] for x in (inputs, shifted))
-    prompt_tokens = 3 * model.config.prompt_length
-    span = slice(prompt_tokens, None) if part == "steps" else slice(0, prompt_tokens)
-    before, after = (h[:, span].reshape(2, -1, 3, model.config.hidden_size) for h in (before, after))
-    changed = (before != after).any(dim=-1)  # (batch, step, token): return, state, action
-    expected = torch.zeros_like(changed)
-    expected[:, step] = True
-    assert torch.equal(changed, expected), changed
-
-
 def test_gradient_is_zero_where_task_mask_is_off():
     model = HarmoDTModel(tiny_config()).train()
     out = model(**random_inputs(model.config, [1, 1, 1]), return_loss=True)
