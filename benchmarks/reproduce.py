@@ -314,6 +314,20 @@ def markdown(arms: dict, pairs: list[dict], records: list[dict], study: dict, co
     return "\n".join(lines) + "\n"
 
 
+def save_over_steps(fig, ax, ylabel: str, title: str, path: Path) -> None:
+    """Label a figure over training steps (grid, legend), save it and close it."""
+    ax.set_xlabel("training steps")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt  # after plot() chose the Agg backend
+
+    plt.close(fig)
+
+
 def plot(arms: dict, records: list[dict], folder: Path, suffix: str) -> None:
     import matplotlib
 
@@ -354,28 +368,26 @@ def plot(arms: dict, records: list[dict], folder: Path, suffix: str) -> None:
         steps = [s for s, _ in curves[0]]
         mean = np.mean([[100 * m for _, m in c] for c in curves], axis=0)
         ax.plot([0, *steps], [0, *mean], marker=".", color=f"C{i}", label=arm)
-    ax.set_xlabel("training steps")
-    ax.set_ylabel("share of each task's initial mask moved (%)")
-    ax.set_title("Mask change over training (mean over tasks and seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / f"moved_share{suffix}.png", dpi=120)
-    plt.close(fig)
+    save_over_steps(
+        fig,
+        ax,
+        "share of each task's initial mask moved (%)",
+        "Mask change over training (mean over tasks and seeds)",
+        folder / f"moved_share{suffix}.png",
+    )
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(names):
         for j, record in enumerate(r for r in records if r["arm"] == arm):
             steps, values = zip(*record["curve"], strict=True)  # runs may be evaluated at different steps
             ax.plot(steps, values, marker="o", lw=1, alpha=0.6, color=f"C{i}", label=arm if j == 0 else None)
-    ax.set_xlabel("training steps")
-    ax.set_ylabel("mean success over tasks (%)")
-    ax.set_title("Success during training, one line or point per run (seed)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / f"success_curves{suffix}.png", dpi=120)
-    plt.close(fig)
+    save_over_steps(
+        fig,
+        ax,
+        "mean success over tasks (%)",
+        "Success during training, one line or point per run (seed)",
+        folder / f"success_curves{suffix}.png",
+    )
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--episodes-for-prompt", type=int, default=None, help="use the last N demonstrations of each task (default all)"
     )
     parser.add_argument(
-        "--new-task-mask", default="merged", help="mask of an added task: merged (default), ones or a trained task"
+        "--new-task-mask", help="mask of an added task: merged (default on masked models), ones or a trained task"
     )
     parser.add_argument(
         "--merge-threshold", type=int, default=None, help="merged mask: trained tasks that must keep a weight"
@@ -130,7 +130,6 @@ def add_tasks(model: HarmoDTModel, args: argparse.Namespace) -> list[str]:
     from harmodt_hf.training.demonstrations import add_task_from_demonstrations
 
     names = [name.strip() for name in args.add_task.split(",") if name.strip()]
-    masked = model.config.has_masks
     for name in names:
         add_task_from_demonstrations(
             model,
@@ -138,8 +137,8 @@ def add_tasks(model: HarmoDTModel, args: argparse.Namespace) -> list[str]:
             args.demos,
             args.demos_config,
             last=args.episodes_for_prompt,
-            mask=args.new_task_mask if masked else None,
-            merge_threshold=args.merge_threshold if masked else None,
+            mask=args.new_task_mask,  # None: the merged mask on a masked model, none on an unmasked one
+            merge_threshold=args.merge_threshold,
         )
     return names
 

@@ -42,13 +42,7 @@ def adaptation_requested(argv: list[str]) -> bool:
 def parse_adapt_args(argv: list[str]) -> tuple[AdaptationArguments, HarmoDTTrainingArguments]:
     """``--config file.yaml`` (its values are the defaults) then the command line, which wins."""
     values, rest = _split_config(argv)
-    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"Unknown key(s) {unknown} in the adaptation config: every key must be a field of AdaptationArguments or "
-            "HarmoDTTrainingArguments"
-        )
+    cli.check_config_keys(values, "the adaptation config", ARGUMENT_CLASSES)
     parser = HfArgumentParser(ARGUMENT_CLASSES, description="Adapt a trained HarmoDT model to new tasks.")
     parser.set_defaults(**values)
     adapt_args, training_args, extra = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
@@ -68,7 +62,6 @@ def adapt_main(argv: list[str]) -> Path:
     adapt_args, training_args = parse_adapt_args(argv)
     set_seed(training_args.seed)
     model = HarmoDTModel.from_pretrained(adapt_args.adapt_from)
-    has_masks = model.config.has_masks
     demos = [
         add_task_from_demonstrations(
             model,
@@ -76,8 +69,8 @@ def adapt_main(argv: list[str]) -> Path:
             adapt_args.dataset,
             adapt_args.demos_config,
             last=adapt_args.demo_episodes,
-            mask=adapt_args.new_task_mask if has_masks else None,
-            merge_threshold=adapt_args.merge_threshold if has_masks else None,
+            mask=adapt_args.new_task_mask,  # None: the merged mask on a masked model, none on an unmasked one
+            merge_threshold=adapt_args.merge_threshold,
             std_floor=adapt_args.std_floor,
         )
         for task in adapt_args.adapt_tasks

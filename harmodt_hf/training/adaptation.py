@@ -58,8 +58,9 @@ class AdaptationArguments:
         default=None, metadata={"help": "Use the last N episodes of each new task (default all)."}
     )
     adapt_train: str = field(default="prompt", metadata={"help": f"What adaptation trains: one of {ADAPT_MODES}."})
-    new_task_mask: str = field(
-        default="merged", metadata={"help": "Mask of a new task: 'merged', 'ones' or a trained task's name."}
+    new_task_mask: str | None = field(
+        default=None,
+        metadata={"help": "Mask of a new task: 'merged' (default on masked models), 'ones' or a trained task's name."},
     )
     merge_threshold: int | None = field(
         default=None, metadata={"help": "Merged mask: trained tasks that must keep a weight (default half)."}

@@ -100,14 +100,19 @@ class DataArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, HarmoDTTrainingArguments)
 
 
-def _yaml_to_argv(values: dict, source: str) -> list[str]:
-    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+def check_config_keys(values: dict, source: str, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> None:
+    """Refuse a config key that is no field of ``classes`` (a typo would otherwise be ignored)."""
+    unknown = sorted(set(values) - {f.name for cls in classes for f in dataclasses.fields(cls)})
     if unknown:
+        names = ", ".join(cls.__name__ for cls in classes)
         raise ValueError(
-            f"Unknown key(s) {unknown} in {source}: every key must be a field of ModelArguments, DataArguments or "
-            "HarmoDTTrainingArguments (run training/train.py --help for the list)"
+            f"Unknown key(s) {unknown} in {source}: every key must be a field of {names} "
+            "(run training/train.py --help for the list)"
         )
+
+
+def _yaml_to_argv(values: dict, source: str) -> list[str]:
+    check_config_keys(values, source)
     argv: list[str] = []
     for key, value in values.items():
         if value is None:
