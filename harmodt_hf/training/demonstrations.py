@@ -55,10 +55,6 @@ class TaskDemonstrations:
         """The keyword arguments of ``model.add_task(demos.task_name, **demos.add_task_kwargs())``."""
         return {"prompt": self.prompt, "state_mean": self.state_mean.tolist(), "state_std": self.state_std.tolist()}
 
-    def buffer(self) -> EpisodeBuffer:
-        """The demonstrations as a one-task :class:`~.segments.EpisodeBuffer`."""
-        return EpisodeBuffer({self.task_name: self.episodes}, [self.task_name])
-
     @property
     def num_episodes(self) -> int:
         return len(self.episodes.rewards)

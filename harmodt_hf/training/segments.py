@@ -90,7 +90,7 @@ class SegmentSampler:
 
     The buffer's tasks are usually the config's, in its order; they may also be some of them (adapting a model to the
     tasks added after training): tasks are then numbered by the buffer (``sample(task)``), and a segment's
-    ``task_ids`` is the model's id of its task (:meth:`model_task_id`). ``with_prompts=False`` leaves the training
+    ``task_ids`` is the model's id of its task (``model_task_ids[task]``). ``with_prompts=False`` leaves the training
     prompts out of the segments (the model then acts with its stored prompts; default: with, if the model uses them).
     """
 
@@ -127,10 +127,6 @@ class SegmentSampler:
     @property
     def num_tasks(self) -> int:
         return len(self.buffer.tasks)
-
-    def model_task_id(self, task: int) -> int:
-        """The model's task id of the buffer's task ``task``."""
-        return self.model_task_ids[task]
 
     def buffer_task(self, model_task_id: int) -> int:
         """The buffer's task number of the model's task ``model_task_id`` (a task the data holds)."""
@@ -217,7 +213,7 @@ class SegmentDataset(torch.utils.data.Dataset):
         return self.num_items
 
     def task_of(self, index: int) -> int:
-        """The buffer's task number of item ``index`` (``sampler.model_task_id`` of it: the model's id)."""
+        """The buffer's task number of item ``index`` (``sampler.model_task_ids`` maps it to the model's id)."""
         if self.task_sampling == "round_robin":
             return (index // self.batch_size) % self.sampler.num_tasks
         return index % self.sampler.num_tasks

@@ -256,6 +256,8 @@ class HarmoDTTrainer(Trainer):
         tasks = self._tasks_in_step().nonzero().flatten().tolist()
         self._step_tasks.zero_()
         for name, layer in model.masked_layers().items():
+            if not layer.weight.requires_grad:  # frozen (e.g. prompt adaptation): the optimizer never moves it
+                continue
             masks = layer.task_masks()
             used = masks[tasks[0]] if len(tasks) == 1 else masks[tasks].any(dim=0)
             if bool(used.view(torch.uint8).amin()):  # every weight used (uint8 reductions are fast on CPU)
